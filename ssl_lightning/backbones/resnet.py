@@ -1,0 +1,23 @@
+"""torchvision ResNets without their classifier, with the optional CIFAR stem (3x3 conv, no max-pool)."""
+from __future__ import annotations
+
+from torch import nn
+from torchvision import models
+
+from ssl_lightning.backbones.registry import BACKBONES
+
+
+def _resnet(arch: str, in_channels: int = 3, cifar_stem: bool = False, zero_init_residual: bool = False) -> nn.Module:
+    model = getattr(models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.num_features = model.fc.in_features
+    model.fc = nn.Identity()  # keeps torchvision's state-dict keys, so weights export as a plain ResNet
+    return model
+
+
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    BACKBONES.register(_arch)(lambda arch=_arch, **kw: _resnet(arch, **kw))

@@ -1,0 +1,3 @@
+from ssl_lightning.callbacks.knn import KNNMonitor
+
+__all__ = ["KNNMonitor"]

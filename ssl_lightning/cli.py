@@ -1,0 +1,114 @@
+"""The ``ssl-lightning`` command: LightningCLI with a run directory per run and friendly errors.
+
+    ssl-lightning fit --config experiments/fashion_mnist/simclr.yaml
+    ssl-lightning fit --config runs/<run>/config.yaml --ckpt_path runs/<run>/checkpoints/last.ckpt
+    ssl-lightning validate --config ... --ckpt_path ...
+
+Every run writes into ``--run_dir`` (default ``runs/<method>-<dataset>-<time>``): the resolved
+``config.yaml``, ``checkpoints/`` and the logger's files (W&B offline runs, CSV, TensorBoard): a
+logger's relative ``save_dir`` is taken inside the run directory (``.`` = the run directory).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from ssl_lightning.callbacks import KNNMonitor
+from ssl_lightning.data import SSLDataModule
+from ssl_lightning.methods import SSLMethod
+from ssl_lightning.registry import SSLError
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Saves the resolved config as ``<run_dir>/config.yaml`` whatever logger is used."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        path = os.path.join(trainer.default_root_dir, self.config_filename)
+        if trainer.is_global_zero:
+            os.makedirs(trainer.default_root_dir, exist_ok=True)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = True
+        self.save_config(trainer, pl_module, stage)  # lets loggers (W&B) record the config too
+
+
+class SSLCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunDirConfig)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RichProgressBar(leave=True), LearningRateMonitor("step")]})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        super().__init__(SSLMethod, SSLDataModule, *args, subclass_mode_model=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Run directory (config, checkpoints, logs); default runs/<method>-<dataset>-<time>.")
+        parser.add_lightning_class_args(KNNMonitor, "knn")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "epoch{epoch:03d}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if not cfg.get("run_dir"):
+            method = cfg.model.class_path.rsplit(".", 1)[-1].lower()
+            cfg.run_dir = os.path.join("runs", f"{method}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.trainer.default_root_dir = cfg.run_dir
+        cfg.checkpoint.dirpath = cfg.checkpoint.dirpath or os.path.join(cfg.run_dir, "checkpoints")
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for logger in loggers:
+            init = getattr(logger, "init_args", None)
+            if init is not None and "save_dir" in init:
+                init.save_dir = _inside(cfg.run_dir, init.save_dir or ".")
+
+    def after_fit(self) -> None:
+        self._print_summary()
+
+    def _print_summary(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        from rich.console import Console
+
+        ckpt = trainer.checkpoint_callback
+        lines = [f"run directory : {trainer.default_root_dir}",
+                 f"config        : {os.path.join(trainer.default_root_dir, 'config.yaml')}"]
+        if ckpt is not None:
+            lines.append(f"checkpoint    : {ckpt.last_model_path or ckpt.best_model_path}")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            lines.append("final metrics : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        Console().print("\n".join(lines), highlight=False)
+
+
+def _inside(run_dir: str, path: str) -> str:
+    """``path`` taken relative to ``run_dir``, unless absolute or already inside it (a saved config)."""
+    path, run_dir = os.path.normpath(path), os.path.normpath(run_dir)
+    if os.path.isabs(path) or path == run_dir or path.startswith(run_dir + os.sep):
+        return path
+    return os.path.normpath(os.path.join(run_dir, path))
+
+
+def _user_message(err: BaseException) -> str:
+    """The user-facing line of an SSLError, also when a DataLoader worker wrapped it."""
+    msg = str(err)
+    marker = f"{SSLError.__name__}: "
+    return msg.rsplit(marker, 1)[-1].strip() if "Original Traceback" in msg and marker in msg else msg
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        SSLCLI(args=args)
+    except SSLError as err:
+        print(f"error: {_user_message(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+from ssl_lightning.data.datamodule import TRAIN_EVAL, VAL, SSLDataModule
+from ssl_lightning.data.datasets import DATASETS, DatasetSpec
+from ssl_lightning.data.views import MultiViewTransform, ViewConfig, view_preset
+
+__all__ = ["DATASETS", "DatasetSpec", "MultiViewTransform", "SSLDataModule", "TRAIN_EVAL", "VAL", "ViewConfig", "view_preset"]

@@ -1,0 +1,175 @@
+"""``SSLDataModule``: multi-view training batches and un-augmented evaluation loaders for any dataset.
+
+Training batches are ``(views, labels, indices)``: ``views`` a list of tensors ``(B, C, H, W)``,
+one per view (see :mod:`ssl_lightning.data.views`), ``labels`` -1 for unlabelled images, and
+``indices`` the samples' positions in the training set (for memory banks and per-sample state).
+Validation gives two loaders of ``(image, label)``: the un-augmented training set (index 0, the kNN
+bank) and the validation set (index 1).
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ssl_lightning import distributed
+from ssl_lightning.data.datasets import DATASETS, DatasetSpec
+from ssl_lightning.data.sampler import SeededSampler
+from ssl_lightning.data.views import MultiViewTransform, ViewConfig, eval_transform, view_preset
+from ssl_lightning.registry import SSLError
+
+TRAIN_EVAL, VAL = 0, 1  # validation dataloader indices
+
+
+class MultiViewDataset(Dataset):
+    """``dataset[(i, seed)] -> (views, label, i)``, the views drawn with torch's RNG seeded by ``seed``."""
+
+    def __init__(self, base: Dataset, transform: MultiViewTransform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self.base[index]
+        if seed is None:
+            return self.transform(image), label, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label, index
+
+
+class TransformDataset(Dataset):
+    def __init__(self, base: Dataset, transform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(ds, sorted(perm.tolist()))
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Any registered dataset with a multi-view augmentation.
+
+    Args:
+        dataset: a registered name (fashion_mnist, cifar10, cifar100, stl10, imagenet, imagenet100,
+            image_folder, synthetic).
+        root: where the files are (default: the dataset's usual place, e.g. Debian's Fashion-MNIST).
+        download: fetch through torchvision when the files are missing.
+        batch_size: images per process and step.
+        views: a preset name (``simclr``, ``byol``, ``multicrop``) or a list of :class:`ViewConfig`.
+        image_size: crop size of the global views (default: the dataset's).
+        train_subset / eval_subset / val_subset: use a seeded random subset of that many images of
+            the pretraining set, of the un-augmented training set (kNN bank) and of the validation set.
+        dataset_options: extra keyword arguments of the dataset loader (``class_list`` for folders,
+            ``size``/``num_classes``/``channels``/``image_size`` for ``synthetic``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashion_mnist",
+        root: str | None = None,
+        download: bool = False,
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        num_workers: int = 4,
+        views: str | list[ViewConfig] = "simclr",
+        num_local_crops: int = 6,
+        image_size: int | None = None,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        val_subset: int | None = None,
+        seed: int = 0,
+        pin_memory: bool = True,
+        dataset_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec: DatasetSpec = DATASETS.get(dataset)
+        self.dataset, self.download = dataset, download
+        self.root = root or self.spec.default_root
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.options = dict(dataset_options or {})
+        self.image_size = image_size or self.options.get("image_size", self.spec.image_size)
+        self.view_configs = views if isinstance(views, list) else view_preset(views, self.image_size, num_local_crops)
+        self.view_configs = [v if v.size else ViewConfig(**{**vars(v), "size": self.image_size}) for v in self.view_configs]
+        self.train_subset, self.eval_subset, self.val_subset, self.seed = train_subset, eval_subset, val_subset, seed
+        self.pin_memory = pin_memory
+        self.mean = self.spec.mean if self.in_channels == len(self.spec.mean) else self.spec.mean[:1] * self.in_channels
+        self.std = self.spec.std if self.in_channels == len(self.spec.std) else self.spec.std[:1] * self.in_channels
+        self.pretrain_set: Dataset | None = None
+        self.eval_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # ---- what the model needs to know before the data is loaded (linked by the CLI) -------------
+    @property
+    def in_channels(self) -> int:
+        return int(self.options.get("channels", self.spec.channels))
+
+    @cached_property
+    def num_classes(self) -> int:
+        """Classes of the labelled training set (0 for unlabelled data: no probe, no kNN)."""
+        if "num_classes" in self.options:
+            return int(self.options["num_classes"])
+        if self.spec.num_classes > 0:
+            return self.spec.num_classes
+        return len(getattr(self._load("train"), "classes", []))
+
+    def _load(self, split: str) -> Dataset | None:
+        return self.spec.load(self.root, split, self.download, **self.options)
+
+    def prepare_data(self) -> None:
+        if self.download:  # once per node, before setup() runs on every process
+            for split in ("pretrain", "val"):
+                self._load(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        download, self.download = self.download, False  # prepare_data already fetched the files
+        try:
+            if stage in ("fit", None) and self.pretrain_set is None:
+                base = _subset(self._load("pretrain"), self.train_subset, self.seed)
+                global_batch = self.batch_size * distributed.world_size()
+                if len(base) < global_batch:
+                    raise SSLError(
+                        f"The global batch ({self.batch_size} per process x {distributed.world_size()} processes = "
+                        f"{global_batch}) is larger than the training set ({len(base)} images): lower "
+                        "data.batch_size or use more images (data.train_subset).")
+                self.pretrain_set = MultiViewDataset(base, MultiViewTransform(self.view_configs, self.mean, self.std))
+            if self.eval_set is None and self.num_classes > 0:
+                evaluate = eval_transform(self.image_size, self.mean, self.std, self.spec.resize_eval)
+                val = self._load("val")
+                if val is not None:
+                    train = self._load("train")
+                    self.eval_set = TransformDataset(_subset(train, self.eval_subset, self.seed), evaluate)
+                    self.val_set = TransformDataset(_subset(val, self.val_subset, self.seed), evaluate)
+        finally:
+            self.download = download
+
+    # ---- loaders ------------------------------------------------------------------------------------
+    def _loader(self, ds: Dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.pretrain_set is None:
+            self.setup("fit")
+        sampler = SeededSampler(self.pretrain_set, seed=self.seed)
+        return self._loader(self.pretrain_set, self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.eval_set is None:
+            return []
+        return [self._loader(self.eval_set, self.eval_batch_size), self._loader(self.val_set, self.eval_batch_size)]

@@ -1,0 +1,3 @@
+from ssl_lightning.evaluation.knn import weighted_knn
+
+__all__ = ["weighted_knn"]

@@ -1,0 +1,188 @@
+"""``SSLMethod``: what every pretraining method shares, so a method file holds only its heads and loss.
+
+A method subclasses :class:`SSLMethod`, builds its heads in ``__init__`` and implements
+:meth:`SSLMethod.loss`. The base class runs the backbone over the views (multi-crop aware), trains the
+online linear probe, builds the optimizer (no weight decay on norm and bias parameters; the learning
+rate is given per 256 images and scaled by the global batch), the per-step warm-up + cosine schedule,
+and the momentum (EMA) update of any teacher the method declares in :meth:`momentum_pairs`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ssl_lightning.backbones import build_backbone
+from ssl_lightning.data.datamodule import VAL
+from ssl_lightning.modules.ema import cosine_momentum, ema_update
+from ssl_lightning.modules.probe import OnlineLinearProbe
+from ssl_lightning.optim import build_optimizer, param_groups, warmup_cosine
+
+LossOutput = torch.Tensor | dict[str, torch.Tensor]
+
+
+class SSLMethod(L.LightningModule):
+    """Base LightningModule of every self-supervised method.
+
+    Args:
+        backbone: a registered backbone name (``ssl_lightning.backbones.BACKBONES``).
+        backbone_kwargs: its options, e.g. ``{"cifar_stem": true}``.
+        in_channels: image channels (the CLI links it from the data).
+        num_classes: classes of the online probe; None = read from the datamodule, 0 = no probe.
+        optimizer: ``sgd``, ``lars`` or ``adamw``.
+        lr: learning rate per 256 images; the optimizer gets ``lr * global_batch / 256``.
+        weight_decay: on weights only (biases and norm parameters get none).
+        momentum: SGD / LARS momentum. betas: AdamW's.
+        warmup_epochs: linear warm-up length (fractions allowed); then cosine decay to
+            ``min_lr_ratio * lr``, updated every step.
+        probe_lr: the probe's own (unscaled) learning rate, no weight decay.
+    """
+
+    #: run views of equal shape through the backbone in one batch (False: one pass per view)
+    concat_views: bool = True
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        in_channels: int = 3,
+        num_classes: int | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.3,
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 10,
+        min_lr_ratio: float = 0.0,
+        probe_lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(backbone, in_channels=in_channels, **(backbone_kwargs or {}))
+        self.probe: OnlineLinearProbe | None = None
+        if num_classes:
+            self.probe = OnlineLinearProbe(self.backbone.num_features, num_classes)
+        self._ema_step = -1
+
+    # ---- to implement / override in methods -----------------------------------------------------
+    def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> LossOutput:
+        """The method's objective from the backbone features of each view (``feats[i]`` for
+        ``views[i]``). Return the loss, or a dict with ``"loss"`` and other terms to log."""
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(student, teacher)`` pairs updated by EMA after every optimizer step, with momentum
+        following ``cosine_momentum(step, total, self.hparams.momentum_base, self.hparams.momentum_final)``."""
+        return []
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Optional groups with their own settings (e.g. ``{"params": ..., "fixed_lr": True}``);
+        their parameters are left out of the default groups."""
+        return []
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features, the representation that probes and evaluations use."""
+        return self.backbone(x)
+
+    def forward_views(self, views: list[torch.Tensor], network: nn.Module | None = None) -> list[torch.Tensor]:
+        """``network`` (default: the backbone) applied to each view; consecutive views of the same
+        shape share one pass when ``concat_views`` (multi-crop: globals together, locals together)."""
+        network = network or self.backbone
+        if not self.concat_views:
+            return [network(v) for v in views]
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape == views[start].shape:
+                end += 1
+            out.extend(network(torch.cat(views[start:end])).chunk(end - start))
+            start = end
+        return out
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        views, labels, index = batch
+        feats = self.forward_views(views)
+        out = self.loss(feats, views, index)
+        terms = out if isinstance(out, dict) else {"loss": out}
+        loss = terms["loss"]
+        bs = views[0].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, batch_size=bs)
+        if self.probe is not None:
+            probe_loss = self.probe.training_loss(feats[0], labels)
+            self.log("train/probe_loss", probe_loss, batch_size=bs)
+            self.log("train/probe_top1", self.probe.train_top1, batch_size=bs)
+            loss = loss + probe_loss
+        return loss
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        feats = self(images)
+        if dataloader_idx == VAL and self.probe is not None:
+            self.probe.validation_update(feats, labels)
+            self.log("val/probe_top1", self.probe.val_top1, prog_bar=True, add_dataloader_idx=False)
+            self.log("val/probe_top5", self.probe.val_top5, add_dataloader_idx=False)
+        return {"features": feats, "labels": labels}  # read by the KNNMonitor callback
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_classes is None and self.probe is None:
+            n = int(getattr(self.trainer.datamodule, "num_classes", 0) or 0)
+            self.hparams.num_classes = n  # saved with checkpoints, so loading rebuilds the probe
+            if n:
+                self.probe = OnlineLinearProbe(self.backbone.num_features, n).to(self.device)
+
+    def global_batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        per_device = getattr(dm, "batch_size", None) or self.trainer.train_dataloader.batch_size
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        scaled_lr = hp.lr * self.global_batch_size() / 256
+        rank_zero_info(f"[ssl_lightning] learning rate {hp.lr} per 256 images x global batch "
+                       f"{self.global_batch_size()} / 256 = {scaled_lr:.6g}")
+        extra = self.extra_param_groups()
+        taken = {id(p) for g in extra for p in g["params"]} | {id(p) for p in (self.probe.parameters() if self.probe else [])}
+        groups = param_groups((p for p in self.parameters() if id(p) not in taken), hp.weight_decay) + extra
+        if self.probe is not None:
+            groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": hp.probe_lr, "name": "probe"})
+        for g in groups:
+            g.setdefault("lr", scaled_lr)
+            g.setdefault("weight_decay", hp.weight_decay)
+        optimizer = build_optimizer(hp.optimizer, groups, scaled_lr, hp.momentum, tuple(hp.betas))
+
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        warmup = int(round(hp.warmup_epochs * per_epoch))
+        schedule = lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)  # noqa: E731
+        lambdas = [(lambda step: 1.0) if g.get("fixed_lr") else schedule for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- momentum teachers --------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        pairs = self.momentum_pairs()
+        if not pairs or self.trainer.global_step == self._ema_step:  # no optimizer step this batch
+            return
+        self._ema_step = self.trainer.global_step
+        m = self.teacher_momentum()
+        for student, teacher in pairs:
+            ema_update(teacher, student, m)
+        self.log("train/teacher_momentum", m)
+
+    def teacher_momentum(self) -> float:
+        """Momentum for the update after optimizer step ``global_step - 1`` (BYOL's cosine schedule)."""
+        return cosine_momentum(self.trainer.global_step - 1, int(self.trainer.estimated_stepping_batches),
+                               self.hparams.momentum_base, self.hparams.momentum_final)
