@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ssl_lightning.callbacks import KNNMonitor
@@ -66,6 +66,19 @@ class SSLCLI(LightningCLI):
             init = getattr(logger, "init_args", None)
             if init is not None and "save_dir" in init:
                 init.save_dir = _inside(cfg.run_dir, init.save_dir or ".")
+
+    def instantiate_trainer(self, **kwargs):
+        # drop default callbacks that Lightning refuses: the RichProgressBar when the user disables the bar
+        # or brings one, the LearningRateMonitor when there is no logger (--trainer.logger false)
+        trainer = self._get(self.config_init, "trainer", default={})
+        given = trainer.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        no_bar = trainer.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in given)
+        no_logger = trainer.get("logger") is False or trainer.get("logger") == []
+        keep = [c for c in self.trainer_defaults.get("callbacks", [])
+                if not (no_bar and isinstance(c, ProgressBar)) and not (no_logger and isinstance(c, LearningRateMonitor))]
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": keep}
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         self._print_summary()

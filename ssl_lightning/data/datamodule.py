@@ -124,7 +124,7 @@ class SSLDataModule(L.LightningDataModule):
         """Classes of the labelled training set (0 for unlabelled data: no probe, no kNN)."""
         if "num_classes" in self.options:
             return int(self.options["num_classes"])
-        if self.spec.num_classes > 0:
+        if self.spec.num_classes > 0 and "class_list" not in self.options:  # a class list sets the classes
             return self.spec.num_classes
         return len(getattr(self._load("train"), "classes", []))
 

@@ -1,0 +1,260 @@
+"""User errors: each gives one ``SSLError`` (a ValueError) whose message names the problem and the fix,
+and the CLI turns it into a single ``error: ...`` line with exit code 2."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import standins  # noqa: E402
+
+from ssl_lightning import SSLDataModule, SSLError  # noqa: E402
+from ssl_lightning.backbones import BACKBONES, build_backbone  # noqa: E402
+from ssl_lightning.cli import _user_message, main  # noqa: E402
+from ssl_lightning.data import DATASETS  # noqa: E402
+from ssl_lightning.data.folder import ImageFolderDataset  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dm(dataset: str, root=None, **kwargs) -> SSLDataModule:
+    kwargs = {"batch_size": 4, "num_workers": 0, "pin_memory": False, **kwargs}
+    return SSLDataModule(dataset=dataset, root=None if root is None else str(root), **kwargs)
+
+
+def test_ssl_error_is_a_value_error():
+    assert issubclass(SSLError, ValueError)
+
+
+# ---- registries --------------------------------------------------------------------------------------------
+def test_unknown_dataset_lists_registered_names():
+    with pytest.raises(SSLError) as info:
+        dm("nope")
+    msg = str(info.value)
+    assert "'nope'" in msg
+    for name in DATASETS.names():
+        assert name in msg
+    assert "cifar10" in msg and "fashion_mnist" in msg
+
+
+def test_unknown_backbone_lists_registered_names():
+    with pytest.raises(SSLError) as info:
+        build_backbone("nope")
+    msg = str(info.value)
+    assert "'nope'" in msg and "backbone" in msg
+    for name in BACKBONES.names():
+        assert name in msg
+    assert "convnet" in msg
+
+
+def test_unknown_view_preset():
+    with pytest.raises(SSLError, match="simclr, byol or multicrop"):
+        dm("synthetic", views="nope")
+
+
+# ---- missing data ---------------------------------------------------------------------------------------------
+def test_missing_fashion_mnist(tmp_path):
+    module = dm("fashion_mnist", tmp_path)
+    with pytest.raises(SSLError) as info:
+        module.setup("fit")
+    msg = str(info.value)
+    assert str(tmp_path) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert "download" in msg
+
+
+@pytest.mark.parametrize("dataset,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                            ("stl10", "stl10_binary")])
+def test_missing_torchvision_dataset(tmp_path, dataset, folder):
+    module = dm(dataset, tmp_path)
+    with pytest.raises(SSLError) as info:
+        module.setup("fit")
+    msg = str(info.value)
+    assert str(tmp_path) in msg and folder in msg
+    assert "download" in msg
+
+
+def test_missing_image_folder(tmp_path):
+    with pytest.raises(SSLError, match="does not exist") as info:
+        dm("image_folder", tmp_path / "nowhere").setup("fit")
+    assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_empty_folder_names_the_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(SSLError) as info:
+        dm("image_folder", tmp_path).setup("fit")
+    msg = str(info.value)
+    assert "No images found" in msg and str(tmp_path) in msg
+
+
+def test_empty_class_folders(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir()
+    with pytest.raises(SSLError, match="No images found") as info:
+        dm("image_folder", tmp_path).setup("fit")
+    assert str(tmp_path / "train") in str(info.value)
+
+
+def test_class_list_errors(tmp_path):
+    standins.write_image_folder(tmp_path / "data", standins.FAKE_WNIDS[:2], train_per_class=2, val_per_class=1)
+    with pytest.raises(SSLError, match="does not exist") as info:
+        dm("imagenet100", tmp_path / "data", dataset_options={"class_list": str(tmp_path / "missing.txt")}).setup("fit")
+    assert str(tmp_path / "missing.txt") in str(info.value)
+    listed = standins.write_class_list(tmp_path / "classes.txt", standins.FAKE_WNIDS[:3])
+    with pytest.raises(SSLError) as info:
+        dm("imagenet100", tmp_path / "data", dataset_options={"class_list": str(listed)}).setup("fit")
+    assert standins.FAKE_WNIDS[2] in str(info.value) and "not folders" in str(info.value)
+
+
+def test_imagenet100_default_class_list_missing_folders(tmp_path):
+    """The built-in ImageNet-100 list against a folder without those classes: names the missing ones."""
+    standins.write_image_folder(tmp_path, standins.FAKE_WNIDS[:2], train_per_class=1, val_per_class=1)
+    with pytest.raises(SSLError, match="100 classes of the class list are not folders"):
+        dm("imagenet100", tmp_path).setup("fit")
+
+
+def test_image_folder_cannot_download(tmp_path):
+    with pytest.raises(SSLError, match="download=false"):
+        dm("image_folder", tmp_path, download=True).prepare_data()
+
+
+# ---- unreadable images ----------------------------------------------------------------------------------------
+@pytest.fixture
+def bad_folders(tmp_path):
+    """Two flat folders, each with good images and one bad file (sorted last, so index -1)."""
+    corrupt, truncated = tmp_path / "corrupt", tmp_path / "truncated"
+    for folder in (corrupt, truncated):
+        for i in range(3):
+            standins.write_image(folder / f"a_{i}.png", seed=i)
+    return {"corrupt": (corrupt, standins.write_corrupt_image(corrupt / "z_bad.jpg")),
+            "truncated": (truncated, standins.write_truncated_jpeg(truncated / "z_bad.jpg"))}
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated"])
+def test_bad_image_names_the_file(bad_folders, kind):
+    folder, bad = bad_folders[kind]
+    ds = ImageFolderDataset(folder)
+    assert len(ds) == 4
+    ds[0]  # the good ones read
+    with pytest.raises(SSLError) as info:
+        ds[3]
+    msg = str(info.value)
+    assert str(bad) in msg and "Remove or replace" in msg
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated"])
+def test_bad_image_through_the_data_module(bad_folders, kind):
+    folder, bad = bad_folders[kind]
+    module = dm("image_folder", folder, batch_size=4, image_size=32)
+    module.setup("fit")  # listing the folder does not read the images
+    with pytest.raises(SSLError) as info:
+        next(iter(module.train_dataloader()))  # num_workers=0: the SSLError itself
+    assert str(bad) in str(info.value)
+    with pytest.raises(SSLError) as info:
+        list(DataLoader(ImageFolderDataset(folder), batch_size=None, num_workers=0))
+    assert str(bad) in str(info.value)
+
+
+def test_bad_image_in_a_worker_keeps_type_and_message(bad_folders):
+    """DataLoader workers re-raise the SSLError (same type); the CLI recovers the one-line message."""
+    folder, bad = bad_folders["truncated"]
+    loader = DataLoader(ImageFolderDataset(folder), batch_size=None, num_workers=1)
+    with pytest.raises(SSLError) as info:
+        list(loader)
+    line = _user_message(info.value)
+    assert line.startswith("Cannot read image") and str(bad) in line and "\n" not in line
+
+
+# ---- sizes --------------------------------------------------------------------------------------------------------
+def test_batch_larger_than_dataset():
+    module = dm("synthetic", batch_size=32, dataset_options={"size": 16})
+    with pytest.raises(SSLError) as info:
+        module.setup("fit")
+    msg = str(info.value)
+    assert "batch_size" in msg and "16 images" in msg and "32" in msg
+
+
+def test_batch_larger_than_train_subset():
+    module = dm("synthetic", batch_size=16, train_subset=8, dataset_options={"size": 64})
+    with pytest.raises(SSLError, match="batch_size"):
+        module.setup("fit")
+
+
+# ---- through the command line ------------------------------------------------------------------------------
+def cli_args(tmp_path, *extra: str) -> list[str]:
+    return ["fit", *extra, "--model.backbone", "convnet", "--model.backbone_kwargs", "{width: 4}",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.pin_memory", "false",
+            "--data.eval_batch_size", "8", "--trainer.logger", "false", "--trainer.max_steps", "1",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+            "--seed_everything", "0", "--run_dir", str(tmp_path / "run")]
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["ssl-lightning"])  # pytest's own arguments are not the CLI's
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args=args)
+    return info.value.code, capsys.readouterr().err
+
+
+def test_cli_unknown_dataset(tmp_path, capsys, monkeypatch):
+    code, err = run_cli(cli_args(tmp_path, "--model", "SimCLR", "--data.dataset", "nope"), capsys, monkeypatch)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Unknown dataset 'nope'" in errors[0] and "cifar10" in errors[0]
+    assert "Traceback" not in err
+
+
+def test_cli_missing_data_root_inside_fit(tmp_path, capsys, monkeypatch):
+    """The SSLError is raised in the trainer's setup (datamodule.setup): still one line, exit code 2."""
+    code, err = run_cli(cli_args(tmp_path, "--model", "SimCLR", "--data.dataset", "cifar10",
+                                 "--data.root", str(tmp_path / "nowhere")), capsys, monkeypatch)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CIFAR10 not found" in errors[0] and "download" in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_cli_unknown_method(tmp_path, capsys, monkeypatch):
+    """Rejected by jsonargparse (not an SSLError): non-zero exit, the bad name in the message."""
+    code, err = run_cli(cli_args(tmp_path, "--model", "NoSuchMethod", "--data.dataset", "synthetic"), capsys,
+                         monkeypatch)
+    assert code != 0
+    assert "NoSuchMethod" in err
+    assert "Traceback" not in err
+
+
+def test_cli_progress_bar_can_be_disabled(tmp_path, monkeypatch):
+    """--trainer.enable_progress_bar false used to clash with the CLI's default RichProgressBar."""
+    monkeypatch.setattr(sys, "argv", ["ssl-lightning"])
+    main(args=cli_args(tmp_path, "--model", "SimCLR", "--model.proj_hidden", "16", "--model.proj_out", "8",
+                       "--data.dataset", "synthetic", "--data.dataset_options", "{size: 16}"))
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # it trained
+
+
+def test_cli_keeps_default_callbacks_otherwise(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+
+    from ssl_lightning.cli import SSLCLI
+
+    monkeypatch.setattr(sys, "argv", ["ssl-lightning"])
+    args = ["--model", "SimCLR", "--model.backbone", "convnet", "--data.dataset", "synthetic",
+            "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run")]  # default logger and bar
+    cli = SSLCLI(args=args, run=False)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert RichProgressBar in kinds and LearningRateMonitor in kinds
