@@ -44,6 +44,9 @@ class SSLCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(SSLMethod, SSLDataModule, *args, subclass_mode_model=True, **kwargs)
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, _resolve_methods(sys.argv[1:] if args is None else args))
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Run directory (config, checkpoints, logs); default runs/<method>-<dataset>-<time>.")
@@ -106,6 +109,44 @@ def _inside(run_dir: str, path: str) -> str:
     if os.path.isabs(path) or path == run_dir or path.startswith(run_dir + os.sep):
         return path
     return os.path.normpath(os.path.join(run_dir, path))
+
+
+def _method_path(name: str) -> str:
+    """A registered method name (``simclr``) or class name (``SimCLR``) -> its import path; a dotted
+    path is left to jsonargparse; anything else is an unknown method."""
+    from ssl_lightning.methods import METHODS
+
+    if "." in name:
+        return name
+    by_class = {cls.__name__.lower(): cls for cls in (METHODS.get(n) for n in METHODS.names())}
+    cls = by_class.get(name.lower()) or (METHODS.get(name) if name in METHODS else None)
+    if cls is None:
+        raise SSLError(f"Unknown method {name!r}. Registered methods: {', '.join(METHODS.names())}; "
+                       "or give the import path of your own SSLMethod subclass (my_module.MyMethod).")
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _resolve_methods(args: list[str]) -> list[str]:
+    """Checks the method named by ``--model``/``--model.class_path`` on the command line and by
+    ``model``/``model.class_path`` in ``--config`` files, and accepts registered short names."""
+    import yaml
+
+    args = list(args)
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in ("--model", "--model.class_path"):
+            if eq:
+                args[i] = f"{key}={_method_path(value)}"
+            elif i + 1 < len(args) and not args[i + 1].startswith(("-", "{")):  # not an inline dict
+                args[i + 1] = _method_path(args[i + 1])
+        elif key in ("--config", "-c") and (value or i + 1 < len(args)):
+            path = value or args[i + 1]
+            if os.path.isfile(path):
+                model = (yaml.safe_load(open(path)) or {}).get("model")
+                name = model if isinstance(model, str) else (model or {}).get("class_path")
+                if isinstance(name, str):
+                    _method_path(name)  # raises for an unknown method
+    return args
 
 
 def _user_message(err: BaseException) -> str:

@@ -1,0 +1,392 @@
+"""Two-process DDP tests (torch.distributed, gloo backend, CPU).
+
+The low-level tests share one ``torch.multiprocessing.spawn`` of 2 processes (the module-scoped ``ddp``
+fixture): every rank runs every *scenario* (the ``scenario_*`` functions) and ``torch.save``s what it
+computed. The parent, which is in no process group (so every ``ssl_lightning.distributed`` helper is a
+no-op there), computes the single-process reference on the global batch and compares.
+
+The workers are module-level functions of this file: spawned children import it as ``test_ddp``,
+which works because pytest's default ``prepend`` import mode puts ``tests/`` on ``sys.path`` and
+``multiprocessing``'s spawn start method hands the parent's ``sys.path`` to its children.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ssl_lightning import distributed
+from ssl_lightning.heads import mlp
+from ssl_lightning.losses import nt_xent
+from ssl_lightning.methods import BYOL, SimCLR
+from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
+
+WORLD = 2
+B = 4  # images per process; the single-process reference gets the global batch of WORLD * B
+IMAGE = 16
+SPAWN_TIMEOUT_S = 120
+# SimCLR's gradients here are ~1e-4, so an absolute 1e-5 would hardly constrain them (observed
+# DDP-vs-single-process differences: ~1e-9); BYOL's are ~1, where float32 summation order gives ~1e-7.
+GRAD_ATOL, GRAD_RTOL = 1e-7, 1e-5
+
+
+# ---- process plumbing ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Every scenario in turn on this rank; a scenario that raises is recorded and the next one runs
+    (the same code runs on every rank, so failures are symmetric and the collectives stay in step)."""
+    torch.set_num_threads(1)  # 2 processes on a small CPU machine: no oversubscription
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for name, scenario in SCENARIOS.items():
+            try:
+                results[name] = scenario(rank, world, Path(out_dir))
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(out_dir: Path, world: int = WORLD) -> list[dict]:
+    """All ``SCENARIOS`` on ``world`` gloo processes (one spawn: starting a process that imports
+    lightning costs seconds); each rank's ``{scenario: result}``, in rank order."""
+    ctx = mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False)
+    try:
+        waited = 0
+        while not ctx.join(timeout=5):  # raises ProcessRaisedException with a child's traceback
+            waited += 5
+            if waited >= SPAWN_TIMEOUT_S:
+                pytest.fail(f"the DDP workers did not finish in {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """``ddp(name)`` -> the scenario's per-rank results; fails the test with a rank's traceback if it raised."""
+    out = tmp_path_factory.mktemp("ddp")
+    torch.save(build_simclr().state_dict(), out / "simclr_init.pt")
+    torch.save(build_byol().state_dict(), out / "byol_init.pt")
+    per_rank = run_ddp(out)
+
+    def get(name: str) -> list:
+        results = [res[name] for res in per_rank]
+        for r, res in enumerate(results):
+            if isinstance(res, dict) and "error" in res:
+                pytest.fail(f"scenario {name!r} raised on rank {r}:\n{res['error']}")
+        return results
+
+    get.out = out
+    return get
+
+
+def _assert_close_dicts(got: dict, want: dict, atol: float, what: str, rtol: float = 0.0) -> None:
+    assert got.keys() == want.keys(), f"{what}: different parameter sets"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+# ---- models and data ------------------------------------------------------------------------------
+# No batch norm anywhere: SyncBatchNorm does not run on CPU in this torch version, and plain BatchNorm
+# normalises with per-process batch statistics, so a BN model legitimately differs between 2 x B and
+# 1 x 2B. Without normalisation layers the distributed and single-process computations must agree.
+NORM_FREE_CONVNET = {"norm": "none", "width": 8}
+
+
+def build_simclr() -> SimCLR:
+    torch.manual_seed(0)
+    model = SimCLR(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=0,
+                   proj_hidden=32, proj_out=16)
+    model.projector = mlp([model.backbone.num_features, 32, 16], norm="none")  # default projector has BN
+    return model
+
+
+def build_byol() -> BYOL:
+    torch.manual_seed(0)
+    model = BYOL(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=0,
+                 proj_hidden=32, proj_out=16, pred_hidden=32)
+    # the default heads have BN: replace them by norm-free ones, then re-make the teachers from them
+    model.projector = mlp([model.backbone.num_features, 32, 16], norm="none")
+    model.predictor = mlp([16, 32, 16], norm="none")
+    model.teacher_backbone = momentum_copy(model.backbone)
+    model.teacher_projector = momentum_copy(model.projector)
+    return model
+
+
+def global_batch(seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(WORLD * B, 1, IMAGE, IMAGE, generator=g) for _ in range(2)]
+    return views, torch.arange(WORLD * B)
+
+
+def local_batch(rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Rank r gets samples [r*B, (r+1)*B) of every view."""
+    views, index = global_batch()
+    sl = slice(rank * B, (rank + 1) * B)
+    return [v[sl] for v in views], index[sl]
+
+
+class LossStep(nn.Module):
+    """What Lightning's DDP wrapper does with ``training_step``: the whole loss inside ``forward``,
+    so DistributedDataParallel's reducer averages the gradients over processes during backward."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        return self.method.loss(self.method.forward_views(views), views, index)
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def byol_step(model: BYOL) -> None:
+    """One SGD step on the online network, then the EMA update of both teachers."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    opt.step()
+    ema_update(model.teacher_backbone, model.backbone, 0.99)
+    ema_update(model.teacher_projector, model.projector, 0.99)
+
+
+# ---- scenarios (run on every rank; return what the parent checks) -----------------------------------
+def scenario_simclr(rank: int, world: int, out: Path) -> dict:
+    model = build_simclr()
+    model.load_state_dict(torch.load(out / "simclr_init.pt"))
+    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
+    views, index = local_batch(rank)
+    loss = ddp(views, index)
+    loss.backward()
+    local_only = model.loss(model.forward_views(views), views, index).detach()  # sanity: same as forward
+    return {"loss": loss.detach(), "grads": grads(model), "check": local_only}
+
+
+def scenario_byol(rank: int, world: int, out: Path) -> dict:
+    model = build_byol()
+    model.load_state_dict(torch.load(out / "byol_init.pt"))
+    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
+    views, index = local_batch(rank)
+    loss = ddp(views, index)
+    loss.backward()
+    result = {"loss": loss.detach(), "grads": grads(model)}
+    byol_step(model)
+    result["teacher"] = params(model.teacher_backbone) | {f"proj.{k}": v for k, v in params(model.teacher_projector).items()}
+    result["student"] = params(model.backbone) | {f"proj.{k}": v for k, v in params(model.projector).items()}
+    return result
+
+
+BANK_SIZE, BANK_DIM, KEYS_PER_RANK, STEPS = 10, 4, 3, 5  # 5 x 6 = 30 keys into 10 rows: wraps around
+
+
+def bank_keys(step: int) -> torch.Tensor:
+    """The global keys of one enqueue (rank r contributes rows [r*KEYS_PER_RANK, (r+1)*KEYS_PER_RANK))."""
+    return torch.randn(WORLD * KEYS_PER_RANK, BANK_DIM, generator=torch.Generator().manual_seed(100 + step))
+
+
+def bank_updates(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (index, values) of one update: distinct rows of a 20-row bank, values random."""
+    g = torch.Generator().manual_seed(200 + step)
+    index = torch.randperm(20, generator=g)[: WORLD * KEYS_PER_RANK]
+    return index, torch.randn(WORLD * KEYS_PER_RANK, BANK_DIM, generator=g)
+
+
+def bank_state(bank: MemoryBank) -> dict:
+    return {k: v.clone() for k, v in bank.state_dict().items()}
+
+
+def scenario_memory_bank(rank: int, world: int, out: Path) -> dict:
+    sl = slice(rank * KEYS_PER_RANK, (rank + 1) * KEYS_PER_RANK)
+    torch.manual_seed(0)
+    queue = MemoryBank(BANK_SIZE, BANK_DIM)  # random init, identical on every rank
+    queue_states = []
+    for step in range(STEPS):
+        queue.enqueue(bank_keys(step)[sl])
+        queue_states.append(bank_state(queue))
+    table = MemoryBank(20, BANK_DIM, init="zeros")
+    table_states = []
+    for step in range(3):
+        index, values = bank_updates(step)
+        table.update(index[sl], values[sl])
+        table_states.append(bank_state(table))
+    return {"queue": queue_states, "table": table_states}
+
+
+GATHER_ROWS = 3
+
+
+def _rank_tensor(rank: int, seed: int) -> torch.Tensor:
+    return torch.randn(GATHER_ROWS, 2, generator=torch.Generator().manual_seed(seed + rank))
+
+
+def scenario_gather(rank: int, world: int, out: Path) -> dict:
+    assert distributed.world_size() == world and distributed.rank() == rank
+    x = _rank_tensor(rank, 0).requires_grad_()
+    gathered = distributed.gather(x)
+    noncontig = distributed.gather(_rank_tensor(rank, 0).t())  # (2, 3), non-contiguous
+    ints = distributed.gather(torch.arange(GATHER_ROWS) + 10 * rank)
+
+    y = _rank_tensor(rank, 0).requires_grad_()
+    with_grad = distributed.gather_with_grad(y)
+    weights = _rank_tensor(rank, 50).repeat(world, 1) * torch.arange(1, world * GATHER_ROWS + 1).unsqueeze(1)
+    (with_grad * weights).sum().backward()  # rank r's loss touches every rank's rows
+    return {"gathered": gathered, "gathered_requires_grad": gathered.requires_grad, "noncontig": noncontig,
+            "ints": ints, "with_grad": with_grad.detach(), "with_grad_requires_grad": with_grad.requires_grad,
+            "weights": weights, "grad": y.grad}
+
+
+SCENARIOS = {"simclr": scenario_simclr, "byol": scenario_byol, "memory_bank": scenario_memory_bank,
+             "gather": scenario_gather}
+
+
+# ---- tests ------------------------------------------------------------------------------------------
+def _reference_step(model: nn.Module) -> tuple[torch.Tensor, dict]:
+    views, index = global_batch()
+    loss = model.loss(model.forward_views(views), views, index)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def test_simclr_ddp_matches_single_process(ddp):
+    results = ddp("simclr")
+    model = build_simclr()
+    model.load_state_dict(torch.load(ddp.out / "simclr_init.pt"))
+    ref_loss, ref_grads = _reference_step(model)
+
+    for res in results:
+        torch.testing.assert_close(res["check"], res["loss"], atol=1e-6, rtol=0)
+    losses = torch.stack([res["loss"] for res in results])
+    # each rank averages over its own anchors against the gathered global batch: mean over ranks = global loss
+    torch.testing.assert_close(losses.mean(), ref_loss, atol=1e-5, rtol=0)
+    assert not torch.allclose(losses[0], losses[1]), "both ranks computed the same loss: were batches split?"
+    assert len(ref_grads) == len(list(model.parameters()))
+    assert max(g.abs().max() for g in ref_grads.values()) > 100 * GRAD_ATOL  # the tolerance is a real constraint
+    for r, res in enumerate(results):
+        _assert_close_dicts(res["grads"], ref_grads, atol=GRAD_ATOL, rtol=GRAD_RTOL, what=f"rank {r} grad")
+
+
+def test_simclr_ddp_differs_without_gather():
+    """Guard for the test above: with local negatives only, the mean loss would NOT match."""
+    model = build_simclr()
+    views, index = global_batch()
+    with torch.no_grad():
+        z = [model.projector(f) for f in model.forward_views(views)]
+        full = nt_xent(*z, model.hparams.temperature)
+        local = torch.stack([nt_xent(z[0][r * B:(r + 1) * B], z[1][r * B:(r + 1) * B], model.hparams.temperature)
+                             for r in range(WORLD)]).mean()
+    assert (full - local).abs() > 1e-3
+
+
+def test_byol_ddp_matches_single_process(ddp):
+    results = ddp("byol")
+    model = build_byol()
+    model.load_state_dict(torch.load(ddp.out / "byol_init.pt"))
+    ref_loss, ref_grads = _reference_step(model)
+    byol_step(model)
+    ref_teacher = params(model.teacher_backbone) | {f"proj.{k}": v for k, v in params(model.teacher_projector).items()}
+    ref_student = params(model.backbone) | {f"proj.{k}": v for k, v in params(model.projector).items()}
+
+    torch.testing.assert_close(torch.stack([res["loss"] for res in results]).mean(), ref_loss, atol=1e-5, rtol=0)
+    assert not any("teacher" in n for n in ref_grads), "the teachers must get no gradient"
+    assert max(g.abs().max() for g in ref_grads.values()) > 100 * GRAD_ATOL
+    for r, res in enumerate(results):
+        _assert_close_dicts(res["grads"], ref_grads, atol=GRAD_ATOL, rtol=GRAD_RTOL, what=f"rank {r} grad")
+        _assert_close_dicts(res["student"], ref_student, atol=1e-6, what=f"rank {r} student after SGD step")
+        _assert_close_dicts(res["teacher"], ref_teacher, atol=1e-6, what=f"rank {r} teacher after EMA")
+    init = torch.load(ddp.out / "byol_init.pt")
+    assert not torch.allclose(ref_teacher["features.0.weight"], init["teacher_backbone.features.0.weight"])
+
+
+def test_memory_bank_ddp_matches_single_process(ddp):
+    results = ddp("memory_bank")
+
+    torch.manual_seed(0)
+    queue = MemoryBank(BANK_SIZE, BANK_DIM)
+    table = MemoryBank(20, BANK_DIM, init="zeros")
+    for step in range(STEPS):
+        queue.enqueue(bank_keys(step))  # the concatenated keys of both ranks, in rank order
+        for r, res in enumerate(results):
+            _assert_close_dicts(res["queue"][step], bank_state(queue), atol=0, what=f"rank {r} queue step {step}")
+    assert int(queue.ptr) == (STEPS * WORLD * KEYS_PER_RANK) % BANK_SIZE and int(queue.filled) == BANK_SIZE
+    for step in range(3):
+        table.update(*bank_updates(step))
+        for r, res in enumerate(results):
+            _assert_close_dicts(res["table"][step], bank_state(table), atol=0, what=f"rank {r} table step {step}")
+    assert (table.bank.abs().sum(1) > 0).sum() > WORLD * KEYS_PER_RANK  # rows from several updates landed
+
+
+def test_gather_and_gather_with_grad(ddp):
+    results = ddp("gather")
+    rows = torch.cat([_rank_tensor(r, 0) for r in range(WORLD)])
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["gathered"], rows, atol=0, rtol=0)  # rank order
+        assert not res["gathered_requires_grad"]
+        torch.testing.assert_close(res["noncontig"], torch.cat([_rank_tensor(s, 0).t() for s in range(WORLD)]))
+        torch.testing.assert_close(res["ints"], torch.cat([torch.arange(GATHER_ROWS) + 10 * s for s in range(WORLD)]))
+        torch.testing.assert_close(res["with_grad"], rows, atol=0, rtol=0)
+        assert res["with_grad_requires_grad"]
+    # d(sum_s loss_s)/dx_r: rank r's rows of every rank's weights, summed over ranks
+    total_weights = sum(res["weights"] for res in results)
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["grad"], total_weights[r * GATHER_ROWS:(r + 1) * GATHER_ROWS], atol=1e-6, rtol=0)
+
+
+def test_distributed_helpers_are_identity_in_one_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.gather(x) is x
+    assert distributed.gather_with_grad(x) is x
+
+
+# ---- end to end through Lightning ---------------------------------------------------------------------
+def test_lightning_ddp_spawn_simclr_with_knn(tmp_path, monkeypatch):
+    import lightning as L
+
+    from ssl_lightning import SSLDataModule
+    from ssl_lightning.callbacks import KNNMonitor
+
+    # our own free port, removed from the environment again after the test (Lightning would otherwise
+    # leave MASTER_ADDR/MASTER_PORT set in this process)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.manual_seed(0)
+    model = SimCLR(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, proj_hidden=32, proj_out=16,
+                   warmup_epochs=0)
+    data = SSLDataModule(dataset="synthetic", batch_size=8, num_workers=0, pin_memory=False,
+                         dataset_options={"size": 64, "channels": 1, "image_size": 28}, image_size=28)
+    # 64 images / (8 per process x 2) = 4 steps per epoch, so max_steps=2 ends before the epoch's
+    # validation: val_check_interval=2 runs validation (and the kNN monitor) after the 2nd step
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=2,
+                        callbacks=[KNNMonitor()], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert trainer.state.finished, trainer.state
+    metrics = trainer.callback_metrics
+    assert "val/knn_top1" in metrics, sorted(metrics)
+    assert 0.0 <= float(metrics["val/knn_top1"]) <= 1.0
+    assert torch.isfinite(metrics["train/loss"])
