@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from ssl_lightning.data.datamodule import TRAIN_EVAL, VAL
 from ssl_lightning.evaluation.knn import weighted_knn
@@ -13,12 +14,17 @@ class KNNMonitor(L.Callback):
     validation features are the queries (loader 1). Under DDP the bank is gathered from every
     process and correct counts are summed. Needs ``validation_step`` to return
     ``{"features": ..., "labels": ...}`` (as :class:`SSLMethod` does).
+
+    With ``num_sanity_val_steps: -1`` the sanity check is a full validation before training, and the
+    kNN accuracy of the initial (e.g. randomly initialised) backbone is printed and kept in
+    ``initial_accuracy``: the baseline a pretraining run should beat.
     """
 
     def __init__(self, k: int = 200, temperature: float = 0.1, chunk_size: int = 1024) -> None:
         self.k, self.temperature, self.chunk_size = k, temperature, chunk_size
         self._feats: dict[int, list[torch.Tensor]] = {TRAIN_EVAL: [], VAL: []}
         self._labels: dict[int, list[torch.Tensor]] = {TRAIN_EVAL: [], VAL: []}
+        self.initial_accuracy: float | None = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for store in (self._feats, self._labels):
@@ -26,13 +32,14 @@ class KNNMonitor(L.Callback):
                 v.clear()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking or not isinstance(outputs, dict) or "features" not in outputs:
+        if not isinstance(outputs, dict) or "features" not in outputs:
             return
         self._feats[dataloader_idx].append(outputs["features"].detach())
         self._labels[dataloader_idx].append(outputs["labels"].detach())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self._feats[TRAIN_EVAL] or not self._feats[VAL]:
+        full = trainer.num_sanity_val_steps == float("inf")  # num_sanity_val_steps: -1
+        if (trainer.sanity_checking and not full) or not self._feats[TRAIN_EVAL] or not self._feats[VAL]:
             return
         bank, bank_labels = torch.cat(self._feats[TRAIN_EVAL]), torch.cat(self._labels[TRAIN_EVAL])
         if trainer.world_size > 1:
@@ -43,5 +50,9 @@ class KNNMonitor(L.Callback):
         preds = weighted_knn(bank, bank_labels, queries, num_classes, self.k, self.temperature, self.chunk_size)
         counts = torch.stack([(preds == labels).sum(), torch.tensor(labels.numel(), device=labels.device)]).float()
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        if trainer.sanity_checking:
+            self.initial_accuracy = float(counts[0] / counts[1])
+            rank_zero_info(f"[ssl_lightning] kNN top-1 before training: {self.initial_accuracy:.4f}")
+            return
         pl_module.log("val/knn_top1", counts[0] / counts[1], prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.on_validation_epoch_start(trainer, pl_module)  # free the features

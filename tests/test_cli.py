@@ -1,0 +1,134 @@
+"""The ``ssl-lightning`` command: configs, run directories, validate, resume, loggers."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import standins  # noqa: E402
+
+from ssl_lightning.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*/*.yaml"))
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+QUICK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_model_summary", "false",
+         "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "0", "--data.pin_memory", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ lands in the test's folder
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(*args: str) -> None:
+    try:
+        main(list(args))
+    except SystemExit as e:  # --print_config exits 0
+        assert e.code in (0, None), f"exit code {e.code}"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses(config, capsys):
+    run("fit", "--config", str(REPO / config), "--print_config")
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("ssl_lightning.methods.")
+    assert printed["data"]["dataset"] in config
+
+
+def _fit_small_fmnist(run_dir: Path, *extra: str) -> None:
+    run("fit", "--config", str(REPO / "experiments/fashion_mnist/simclr.yaml"), *QUICK,
+        "--run_dir", str(run_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", ".",
+        "--data.batch_size", "32", "--data.train_subset", "256", "--data.eval_subset", "300",
+        "--data.val_subset", "100", *extra)
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fit_validate_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _fit_small_fmnist(run_dir)
+    out = capsys.readouterr().out
+    assert f"run directory : {run_dir}" in out and "checkpoint" in out and "val/knn_top1" in out
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run_dir"] == str(run_dir) and config["data"]["dataset"] == "fashion_mnist"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    metrics = list(csv.DictReader(open(glob.glob(str(run_dir / "lightning_logs/version_*/metrics.csv"))[0])))
+    knn = [float(r["val/knn_top1"]) for r in metrics if r.get("val/knn_top1")]
+    probe = [float(r["val/probe_top1"]) for r in metrics if r.get("val/probe_top1")]
+    assert len(knn) == 1 and 0.1 < knn[0] <= 1 and len(probe) == 1
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["num_classes"] == 10
+
+    # validate the checkpoint with the saved config
+    run("validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(last))
+    assert "val/knn_top1" in capsys.readouterr().out
+
+    # resume: one more epoch continues from step 3
+    run("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(last), "--trainer.max_epochs", "2")
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert not (run_dir / str(run_dir)).exists()  # the saved config's paths are not nested again
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_wandb_offline_run_lands_in_run_dir(tmp_path):
+    run_dir = tmp_path / "wb"
+    run("fit", "--config", str(REPO / "experiments/fashion_mnist/byol.yaml"), *QUICK, "--run_dir", str(run_dir),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--data.batch_size", "16", "--data.train_subset", "64", "--data.eval_subset", "64", "--data.val_subset", "32")
+    runs = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert runs, os.listdir(run_dir)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def _standin(dataset: str, root: Path) -> list[str]:
+    if dataset == "cifar10":
+        standins.write_cifar10(root)
+        return []
+    if dataset == "stl10":
+        standins.write_stl10(root)
+        return []
+    classes = standins.FAKE_WNIDS
+    standins.write_image_folder(root, classes)
+    class_list = standins.write_class_list(root / "classes.txt", classes)
+    return ["--data.dataset_options", f'{{"class_list": "{class_list}"}}']
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "fashion_mnist" not in c])
+def test_gpu_recipes_run_a_step_on_standins(config, tmp_path):
+    """The CIFAR-10 / STL-10 / ImageNet-100 recipes train through the CLI (on generated files in
+    the real on-disk formats, with the recipe's model and views; batch and steps cut down)."""
+    dataset = config.split("/")[1]
+    root = tmp_path / "data"
+    extra = _standin(dataset, root)
+    run_dir = tmp_path / "run"
+    run("fit", "--config", str(REPO / config), *QUICK, "--run_dir", str(run_dir), "--trainer.logger", "false",
+        "--trainer.precision", "32-true", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+        "--data.root", str(root), "--data.batch_size", "4", "--data.eval_batch_size", "4", *extra)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 1
+    assert ckpt["hyper_parameters"]["backbone"] == "resnet18"
+
+
+def test_short_method_names_and_unknown_method(capsys):
+    run("fit", "--model", "byol", "--data.dataset", "synthetic", "--print_config")
+    assert "class_path: ssl_lightning.methods.byol.BYOL" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model", "NoSuchMethod", "--data.dataset", "synthetic"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "Unknown method 'NoSuchMethod'" in err[0] and "byol, simclr" in err[0]
