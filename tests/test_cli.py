@@ -26,6 +26,7 @@ QUICK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.en
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs/ lands in the test's folder
+    monkeypatch.setattr(sys, "argv", ["ssl-lightning"])  # pytest's own arguments are not the CLI's
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     n = torch.get_num_threads()
@@ -124,11 +125,32 @@ def test_gpu_recipes_run_a_step_on_standins(config, tmp_path):
     assert ckpt["hyper_parameters"]["backbone"] == "resnet18"
 
 
-def test_short_method_names_and_unknown_method(capsys):
+def test_short_method_names(capsys):
     run("fit", "--model", "byol", "--data.dataset", "synthetic", "--print_config")
     assert "class_path: ssl_lightning.methods.byol.BYOL" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--model", "NoSuchMethod", "--data.dataset", "synthetic"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [err[0]] and "Unknown method 'NoSuchMethod'" in err[0] and "byol, simclr" in err[0]
+    run("fit", "--model=SimCLR", "--data.dataset", "synthetic", "--print_config")
+    assert "class_path: ssl_lightning.methods.simclr.SimCLR" in capsys.readouterr().out
+
+
+def test_cli_ddp_two_processes_bf16_tensorboard(tmp_path):
+    """`--trainer.devices 2 --trainer.strategy ddp --trainer.precision bf16-mixed` through the real
+    command (Lightning re-launches it per process), with the TensorBoard logger selected."""
+    run_dir = tmp_path / "ddp"
+    exe = Path(sys.executable).with_name("ssl-lightning")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ssl_lightning.cli"]
+    cmd += ["fit", "--model", "simclr", "--model.backbone", "convnet", "--model.backbone_kwargs", "{width: 8}",
+            "--model.proj_hidden", "32", "--model.proj_out", "16",
+            "--data.dataset", "synthetic", "--data.dataset_options", "{size: 64, channels: 1, image_size: 16}",
+            "--data.batch_size", "8", *QUICK, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", ".",
+            "--run_dir", str(run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = __import__("subprocess").run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "global batch 16 / 256" in log  # 8 per process x 2 processes
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert glob.glob(str(run_dir / "lightning_logs" / "version_0" / "events.out.tfevents.*"))

@@ -230,12 +230,21 @@ def test_cli_missing_data_root_inside_fit(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_unknown_method(tmp_path, capsys, monkeypatch):
-    """Rejected by jsonargparse (not an SSLError): non-zero exit, the bad name in the message."""
+    """One error line that lists the registered methods and says how to name your own."""
     code, err = run_cli(cli_args(tmp_path, "--model", "NoSuchMethod", "--data.dataset", "synthetic"), capsys,
                          monkeypatch)
-    assert code != 0
-    assert "NoSuchMethod" in err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Unknown method 'NoSuchMethod'" in errors[0], err
+    assert "byol, simclr" in errors[0] and "my_module.MyMethod" in errors[0]
     assert "Traceback" not in err
+
+
+def test_cli_unknown_method_in_config_file(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  class_path: SimCLRR\ndata:\n  dataset: synthetic\n")
+    code, err = run_cli(cli_args(tmp_path, "--config", str(config)), capsys, monkeypatch)
+    assert code == 2 and "Unknown method 'SimCLRR'" in err and "Traceback" not in err
 
 
 def test_cli_progress_bar_can_be_disabled(tmp_path, monkeypatch):
