@@ -24,10 +24,11 @@ from ssl_lightning.registry import SSLError
 
 
 class RunDirConfig(SaveConfigCallback):
-    """Saves the resolved config as ``<run_dir>/config.yaml`` whatever logger is used."""
+    """Saves the resolved ``fit`` config as ``<run_dir>/config.yaml`` whatever logger is used (other
+    subcommands leave it alone, so ``fit --config <run_dir>/config.yaml --ckpt_path ...`` resumes)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or stage != "fit":
             return
         path = os.path.join(trainer.default_root_dir, self.config_filename)
         if trainer.is_global_zero:

@@ -29,15 +29,6 @@ CLASS_LIST = standins.FAKE_WNIDS[:3]  # the class list leaves out FAKE_WNIDS[3] 
 EXTRA_CLASS = "n09999999"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a (possibly shared) CPU: OpenMP threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("standins")

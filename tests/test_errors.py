@@ -19,14 +19,6 @@ from ssl_lightning.data import DATASETS  # noqa: E402
 from ssl_lightning.data.folder import ImageFolderDataset  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dm(dataset: str, root=None, **kwargs) -> SSLDataModule:
     kwargs = {"batch_size": 4, "num_workers": 0, "pin_memory": False, **kwargs}
     return SSLDataModule(dataset=dataset, root=None if root is None else str(root), **kwargs)

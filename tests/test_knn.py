@@ -10,15 +10,6 @@ import torch.nn.functional as F
 from ssl_lightning.evaluation import weighted_knn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def knn_reference(train_features, train_labels, query_features, num_classes, k, temperature):
     """Full similarity matrix, top-k, votes exp(s/T), argmax; bank rows labelled -1 are dropped."""
     keep = train_labels >= 0

@@ -13,7 +13,7 @@ from ssl_lightning.cli import SSLCLI
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # (epochs) per method: enough on this 2-core CPU for a clear rise, short enough for the suite
-EPOCHS = {"simclr": 3, "byol": 3}
+EPOCHS = {"simclr": 3, "byol": 6}
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist "

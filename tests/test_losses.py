@@ -10,15 +10,6 @@ from lightly.loss import NTXentLoss
 from ssl_lightning.losses import byol_loss, nt_xent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CASES = [(1, 4), (2, 3), (5, 8), (8, 16), (16, 32)]
 TEMPERATURES = [0.1, 0.5]
 

@@ -13,15 +13,6 @@ from ssl_lightning.heads import mlp
 from ssl_lightning.optim import OPTIMIZERS, build_optimizer, param_groups, warmup_cosine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

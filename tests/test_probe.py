@@ -9,15 +9,6 @@ from ssl_lightning.methods import SimCLR
 from ssl_lightning.modules.probe import OnlineLinearProbe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_probe_ignores_unlabelled_rows():
     torch.manual_seed(0)
     probe = OnlineLinearProbe(6, 4)
