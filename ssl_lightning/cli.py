@@ -101,7 +101,7 @@ class SSLCLI(LightningCLI):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
             lines.append("final metrics : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-        Console().print("\n".join(lines), highlight=False)
+        Console(soft_wrap=True).print("\n".join(lines), highlight=False)
 
 
 def _inside(run_dir: str, path: str) -> str:
