@@ -12,7 +12,8 @@ from ssl_lightning.evaluation.knn import weighted_knn
 class KNNMonitor(L.Callback):
     """Logs ``val/knn_top1``: un-augmented training features form the bank (validation loader 0),
     validation features are the queries (loader 1). Under DDP the bank is gathered from every
-    process and correct counts are summed. Needs ``validation_step`` to return
+    process and correct counts are summed (Lightning's DistributedSampler may repeat up to
+    ``world_size - 1`` samples to even out the shards). ``data.eval_subset`` bounds the bank. Needs ``validation_step`` to return
     ``{"features": ..., "labels": ...}`` (as :class:`SSLMethod` does).
 
     With ``num_sanity_val_steps: -1`` the sanity check is a full validation before training, and the

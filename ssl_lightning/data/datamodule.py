@@ -8,6 +8,7 @@ bank) and the validation set (index 1).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
@@ -105,7 +106,7 @@ class SSLDataModule(L.LightningDataModule):
         self.options = dict(dataset_options or {})
         self.image_size = image_size or self.options.get("image_size", self.spec.image_size)
         self.view_configs = views if isinstance(views, list) else view_preset(views, self.image_size, num_local_crops)
-        self.view_configs = [v if v.size else ViewConfig(**{**vars(v), "size": self.image_size}) for v in self.view_configs]
+        self.view_configs = [v if v.size else replace(v, size=self.image_size) for v in self.view_configs]
         self.train_subset, self.eval_subset, self.val_subset, self.seed = train_subset, eval_subset, val_subset, seed
         self.pin_memory = pin_memory
         self.mean = self.spec.mean if self.in_channels == len(self.spec.mean) else self.spec.mean[:1] * self.in_channels

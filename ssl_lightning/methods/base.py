@@ -147,9 +147,10 @@ class SSLMethod(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        scaled_lr = hp.lr * self.global_batch_size() / 256
-        rank_zero_info(f"[ssl_lightning] learning rate {hp.lr} per 256 images x global batch "
-                       f"{self.global_batch_size()} / 256 = {scaled_lr:.6g}")
+        total = int(self.trainer.estimated_stepping_batches)  # also sets up the train loader
+        global_batch = self.global_batch_size()
+        scaled_lr = hp.lr * global_batch / 256
+        rank_zero_info(f"[ssl_lightning] learning rate {hp.lr} per 256 images x global batch {global_batch} / 256 = {scaled_lr:.6g}")
         extra = self.extra_param_groups()
         taken = {id(p) for g in extra for p in g["params"]} | {id(p) for p in (self.probe.parameters() if self.probe else [])}
         groups = param_groups((p for p in self.parameters() if id(p) not in taken), hp.weight_decay) + extra
@@ -160,7 +161,6 @@ class SSLMethod(L.LightningModule):
             g.setdefault("weight_decay", hp.weight_decay)
         optimizer = build_optimizer(hp.optimizer, groups, scaled_lr, hp.momentum, tuple(hp.betas))
 
-        total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
         warmup = int(round(hp.warmup_epochs * per_epoch))
         schedule = lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)  # noqa: E731

@@ -1,0 +1,81 @@
+"""SSLMethod's shared machinery: optimizer groups, learning-rate scaling and schedule, EMA step."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from ssl_lightning import SSLDataModule
+from ssl_lightning.methods import BYOL, SimCLR
+from ssl_lightning.modules import cosine_momentum
+
+
+def _data(batch_size: int = 8) -> SSLDataModule:
+    return SSLDataModule("synthetic", batch_size=batch_size, num_workers=0, pin_memory=False, image_size=16,
+                         dataset_options={"size": 32, "image_size": 16, "channels": 1})
+
+
+def _fit(model, max_epochs: int = 2) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, _data())
+    return trainer
+
+
+class FixedPredictor(SimCLR):
+    """A subclass that gives its projector a fixed (unscheduled) learning rate."""
+
+    def extra_param_groups(self):
+        return [{"params": list(self.projector.parameters()), "fixed_lr": True, "lr": 0.01}]
+
+
+def test_param_groups_lr_scaling_and_schedule():
+    L.seed_everything(0)
+    model = FixedPredictor(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=10,
+                           proj_hidden=16, proj_out=8, optimizer="sgd", lr=0.8, weight_decay=1e-3,
+                           warmup_epochs=1, probe_lr=0.2)
+    trainer = _fit(model)  # 2 epochs x 4 steps, warm-up 4 steps
+    groups = trainer.optimizers[0].param_groups
+    decay, no_decay, fixed, probe = groups
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(decay["params"]) == {id(p) for n, p in model.backbone.named_parameters() if p.ndim > 1}
+    assert ids(no_decay["params"]) == {id(p) for n, p in model.backbone.named_parameters() if p.ndim <= 1}
+    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
+    assert ids(fixed["params"]) == ids(model.projector.parameters()) and fixed["lr"] == 0.01
+    assert ids(probe["params"]) == ids(model.probe.parameters()) and probe["weight_decay"] == 0.0
+    # lr 0.8 per 256 images x global batch 8: after all 8 steps the cosine has reached 0 (min_lr_ratio 0)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs[:2] == [0.8 * 8 / 256] * 2 and scheduler.base_lrs[3] == 0.2
+    assert decay["lr"] == pytest.approx(0.0) and probe["lr"] == pytest.approx(0.0)
+    assert fixed["lr"] == 0.01  # never scheduled
+    factors = [scheduler.lr_lambdas[0](s) for s in range(8)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up over the first epoch
+    assert factors[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+
+
+def test_byol_teacher_follows_cosine_momentum():
+    L.seed_everything(0)
+    model = BYOL(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=16,
+                 proj_out=8, pred_hidden=16, momentum_base=0.9, optimizer="sgd", lr=0.5)
+    teacher = [p.detach().clone() for p in model.teacher_backbone.parameters()]
+    student = []
+
+    class Record(L.Callback):  # the student right after each optimizer step, before the EMA update
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
+            student.append([p.detach().clone() for p in pl_module.backbone.parameters()])
+
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Record()])
+    trainer.fit(model, _data())
+    total = int(trainer.estimated_stepping_batches)
+    # on_before_zero_grad fires before each step's backward: entries 1.. are the students after steps 1..
+    student.append([p.detach().clone() for p in model.backbone.parameters()])
+    for step in range(3):
+        m = cosine_momentum(step, total, 0.9, 1.0)
+        teacher = [m * t + (1 - m) * s for t, s in zip(teacher, student[step + 1])]
+    for t, p in zip(teacher, model.teacher_backbone.parameters()):
+        torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
+    assert all(not p.requires_grad for p in model.teacher_backbone.parameters())
