@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import standins  # noqa: E402
 
 from ssl_lightning.cli import main  # noqa: E402
+from ssl_lightning.methods import SimCLR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*/*.yaml"))
@@ -70,6 +71,8 @@ def test_fit_validate_resume(tmp_path, capsys):
     assert len(knn) == 1 and 0.1 < knn[0] <= 1 and len(probe) == 1
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["num_classes"] == 10
+    model = SimCLR.load_from_checkpoint(last, map_location="cpu").eval()  # a plain Lightning reload
+    assert model.probe is not None and model(torch.zeros(2, 1, 28, 28)).shape == (2, 256)
 
     # validate the checkpoint with the saved config
     run("validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(last))

@@ -170,30 +170,32 @@ def byol_step(model: BYOL) -> None:
     """One SGD step on the online network, then the EMA update of both teachers."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     opt.step()
-    ema_update(model.teacher_backbone, model.backbone, 0.99)
-    ema_update(model.teacher_projector, model.projector, 0.99)
+    for student, teacher in model.momentum_pairs():
+        ema_update(teacher, student, 0.99)
 
 
 # ---- scenarios (run on every rank; return what the parent checks) -----------------------------------
-def scenario_simclr(rank: int, world: int, out: Path) -> dict:
-    model = build_simclr()
-    model.load_state_dict(torch.load(out / "simclr_init.pt"))
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
+def ddp_backward(model: nn.Module, init: Path, rank: int):
+    """Load the shared initial weights, run this rank's shard through DDP and backpropagate."""
+    model.load_state_dict(torch.load(init))
     views, index = local_batch(rank)
+    ddp = nn.parallel.DistributedDataParallel(LossStep(model))  # kept alive: its reducer averages in backward
     loss = ddp(views, index)
     loss.backward()
+    return loss.detach(), views, index
+
+
+def scenario_simclr(rank: int, world: int, out: Path) -> dict:
+    model = build_simclr()
+    loss, views, index = ddp_backward(model, out / "simclr_init.pt", rank)
     local_only = model.loss(model.forward_views(views), views, index).detach()  # sanity: same as forward
-    return {"loss": loss.detach(), "grads": grads(model), "check": local_only}
+    return {"loss": loss, "grads": grads(model), "check": local_only}
 
 
 def scenario_byol(rank: int, world: int, out: Path) -> dict:
     model = build_byol()
-    model.load_state_dict(torch.load(out / "byol_init.pt"))
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
-    views, index = local_batch(rank)
-    loss = ddp(views, index)
-    loss.backward()
-    result = {"loss": loss.detach(), "grads": grads(model)}
+    loss, _, _ = ddp_backward(model, out / "byol_init.pt", rank)
+    result = {"loss": loss, "grads": grads(model)}
     byol_step(model)
     result["teacher"] = params(model.teacher_backbone) | {f"proj.{k}": v for k, v in params(model.teacher_projector).items()}
     result["student"] = params(model.backbone) | {f"proj.{k}": v for k, v in params(model.projector).items()}
