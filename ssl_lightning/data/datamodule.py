@@ -111,6 +111,7 @@ class SSLDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.mean = self.spec.mean if self.in_channels == len(self.spec.mean) else self.spec.mean[:1] * self.in_channels
         self.std = self.spec.std if self.in_channels == len(self.spec.std) else self.spec.std[:1] * self.in_channels
+        self._loaded: dict[str, Dataset | None] = {}
         self.pretrain_set: Dataset | None = None
         self.eval_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -129,35 +130,33 @@ class SSLDataModule(L.LightningDataModule):
             return self.spec.num_classes
         return len(getattr(self._load("train"), "classes", []))
 
-    def _load(self, split: str) -> Dataset | None:
-        return self.spec.load(self.root, split, self.download, **self.options)
+    def _load(self, split: str, download: bool = False) -> Dataset | None:
+        """Each split is read once (the pretraining split is usually the training split itself)."""
+        if split not in self._loaded:
+            self._loaded[split] = self.spec.load(self.root, split, download, **self.options)
+        return self._loaded[split]
 
     def prepare_data(self) -> None:
         if self.download:  # once per node, before setup() runs on every process
-            for split in ("pretrain", "val"):
-                self._load(split)
+            for split in {self.spec.pretrain_split, "train", "val"}:
+                self._load(split, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        download, self.download = self.download, False  # prepare_data already fetched the files
-        try:
-            if stage in ("fit", None) and self.pretrain_set is None:
-                base = _subset(self._load("pretrain"), self.train_subset, self.seed)
-                global_batch = self.batch_size * distributed.world_size()
-                if len(base) < global_batch:
-                    raise SSLError(
-                        f"The global batch ({self.batch_size} per process x {distributed.world_size()} processes = "
-                        f"{global_batch}) is larger than the training set ({len(base)} images): lower "
-                        "data.batch_size or use more images (data.train_subset).")
-                self.pretrain_set = MultiViewDataset(base, MultiViewTransform(self.view_configs, self.mean, self.std))
-            if self.eval_set is None and self.num_classes > 0:
-                evaluate = eval_transform(self.image_size, self.mean, self.std, self.spec.resize_eval)
-                val = self._load("val")
-                if val is not None:
-                    train = self._load("train")
-                    self.eval_set = TransformDataset(_subset(train, self.eval_subset, self.seed), evaluate)
-                    self.val_set = TransformDataset(_subset(val, self.val_subset, self.seed), evaluate)
-        finally:
-            self.download = download
+        if stage in ("fit", None) and self.pretrain_set is None:
+            base = _subset(self._load(self.spec.pretrain_split), self.train_subset, self.seed)
+            global_batch = self.batch_size * distributed.world_size()
+            if len(base) < global_batch:
+                raise SSLError(
+                    f"The global batch ({self.batch_size} per process x {distributed.world_size()} processes = "
+                    f"{global_batch}) is larger than the training set ({len(base)} images): lower "
+                    "data.batch_size or use more images (data.train_subset).")
+            self.pretrain_set = MultiViewDataset(base, MultiViewTransform(self.view_configs, self.mean, self.std))
+        if self.eval_set is None and self.num_classes > 0:
+            evaluate = eval_transform(self.image_size, self.mean, self.std, self.spec.resize_eval)
+            val = self._load("val")
+            if val is not None:
+                self.eval_set = TransformDataset(_subset(self._load("train"), self.eval_subset, self.seed), evaluate)
+                self.val_set = TransformDataset(_subset(val, self.val_subset, self.seed), evaluate)
 
     # ---- loaders ------------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, batch_size: int, **kwargs) -> DataLoader:

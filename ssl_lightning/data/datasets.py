@@ -1,8 +1,9 @@
 """The dataset registry: every dataset name the package knows, in this one file.
 
-Each entry loads a split -- ``pretrain`` (may include unlabelled images, label -1), ``train``
-(labelled, un-augmented, for probes and kNN) or ``val`` -- from local files under ``root``, and
-downloads through torchvision only when ``download`` is true.
+Each entry loads a split -- ``train`` (labelled: pretraining, probes and kNN), ``val``, and for
+datasets with extra unlabelled images a separate pretraining split (``pretrain_split``, label -1 for
+the unlabelled ones) -- from local files under ``root``, downloading through torchvision only when
+``download`` is true.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class DatasetSpec:
     std: tuple[float, ...]
     resize_eval: bool = False  # images of varying size: resize + centre crop for evaluation
     default_root: str = "data"
+    pretrain_split: str = "train"  # STL-10: "pretrain" = train + unlabeled
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -149,7 +151,7 @@ def load_synthetic(root: str, split: str, download: bool = False, size: int = 25
     g = torch.Generator().manual_seed(seed)
     patterns = torch.nn.functional.interpolate(torch.rand(num_classes, channels, 4, 4, generator=g), size=image_size,
                                                mode="bilinear", align_corners=False)
-    g.manual_seed(seed + {"pretrain": 1, "train": 1, "val": 2}[split])
+    g.manual_seed(seed + {"train": 1, "val": 2}[split])
     labels = torch.randint(num_classes, (size,), generator=g)
     x = patterns[labels] + 0.25 * torch.randn(size, channels, image_size, image_size, generator=g)
     shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (size, 2), generator=g)
@@ -161,7 +163,8 @@ def load_synthetic(root: str, split: str, download: bool = False, size: int = 25
 DATASETS.register("fashion_mnist")(DatasetSpec(load_fashion_mnist, 10, 1, 28, (0.2860,), (0.3530,), default_root=FASHION_MNIST_DEB))
 DATASETS.register("cifar10")(DatasetSpec(load_cifar(tvd.CIFAR10, "cifar-10-batches-py"), 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
 DATASETS.register("cifar100")(DatasetSpec(load_cifar(tvd.CIFAR100, "cifar-100-python"), 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
-DATASETS.register("stl10")(DatasetSpec(load_stl10, 10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)))
+DATASETS.register("stl10")(DatasetSpec(load_stl10, 10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713),
+                                       pretrain_split="pretrain"))
 DATASETS.register("imagenet")(DatasetSpec(load_image_folder, 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
 DATASETS.register("imagenet100")(DatasetSpec(load_imagenet100, 100, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
 DATASETS.register("image_folder")(DatasetSpec(load_image_folder, 0, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
