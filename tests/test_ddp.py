@@ -1,25 +1,15 @@
 """Two-process DDP tests (torch.distributed, gloo backend, CPU).
 
-The low-level tests share one ``torch.multiprocessing.spawn`` of 2 processes (the module-scoped ``ddp``
-fixture): every rank runs every *scenario* (the ``scenario_*`` functions) and ``torch.save``s what it
-computed. The parent, which is in no process group (so every ``ssl_lightning.distributed`` helper is a
-no-op there), computes the single-process reference on the global batch and compares.
-
-The workers are module-level functions of this file: spawned children import it as ``test_ddp``,
-which works because pytest's default ``prepend`` import mode puts ``tests/`` on ``sys.path`` and
-``multiprocessing``'s spawn start method hands the parent's ``sys.path`` to its children.
+The low-level tests share one spawn of 2 processes (the module-scoped ``ddp`` fixture, plumbing in
+``ddp_utils.py``): every rank runs every *scenario* (the ``scenario_*`` functions) and returns what it
+computed; the parent computes the single-process reference on the global batch and compares.
 """
 from __future__ import annotations
 
-import datetime
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from ssl_lightning import distributed
@@ -28,75 +18,21 @@ from ssl_lightning.losses import nt_xent
 from ssl_lightning.methods import BYOL, SimCLR
 from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
 
-WORLD = 2
+from ddp_utils import WORLD, free_port, results_getter, run_ddp  # tests/ is on sys.path
+
 B = 4  # images per process; the single-process reference gets the global batch of WORLD * B
 IMAGE = 16
-SPAWN_TIMEOUT_S = 120
 # SimCLR's gradients here are ~1e-4, so an absolute 1e-5 would hardly constrain them (observed
 # DDP-vs-single-process differences: ~1e-9); BYOL's are ~1, where float32 summation order gives ~1e-7.
 GRAD_ATOL, GRAD_RTOL = 1e-7, 1e-5
 
 
-# ---- process plumbing ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Every scenario in turn on this rank; a scenario that raises is recorded and the next one runs
-    (the same code runs on every rank, so failures are symmetric and the collectives stay in step)."""
-    torch.set_num_threads(1)  # 2 processes on a small CPU machine: no oversubscription
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {}
-        for name, scenario in SCENARIOS.items():
-            try:
-                results[name] = scenario(rank, world, Path(out_dir))
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ddp(out_dir: Path, world: int = WORLD) -> list[dict]:
-    """All ``SCENARIOS`` on ``world`` gloo processes (one spawn: starting a process that imports
-    lightning costs seconds); each rank's ``{scenario: result}``, in rank order."""
-    ctx = mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False)
-    try:
-        waited = 0
-        while not ctx.join(timeout=5):  # raises ProcessRaisedException with a child's traceback
-            waited += 5
-            if waited >= SPAWN_TIMEOUT_S:
-                pytest.fail(f"the DDP workers did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    """``ddp(name)`` -> the scenario's per-rank results; fails the test with a rank's traceback if it raised."""
     out = tmp_path_factory.mktemp("ddp")
     torch.save(build_simclr().state_dict(), out / "simclr_init.pt")
     torch.save(build_byol().state_dict(), out / "byol_init.pt")
-    per_rank = run_ddp(out)
-
-    def get(name: str) -> list:
-        results = [res[name] for res in per_rank]
-        for r, res in enumerate(results):
-            if isinstance(res, dict) and "error" in res:
-                pytest.fail(f"scenario {name!r} raised on rank {r}:\n{res['error']}")
-        return results
-
-    get.out = out
-    return get
+    return results_getter(run_ddp(SCENARIOS, out), out)
 
 
 def _assert_close_dicts(got: dict, want: dict, atol: float, what: str, rtol: float = 0.0) -> None:
@@ -374,7 +310,7 @@ def test_lightning_ddp_spawn_simclr_with_knn(tmp_path, monkeypatch):
     # our own free port, removed from the environment again after the test (Lightning would otherwise
     # leave MASTER_ADDR/MASTER_PORT set in this process)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.manual_seed(0)
     model = SimCLR(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, proj_hidden=32, proj_out=16,
                    warmup_epochs=0)

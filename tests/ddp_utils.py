@@ -1,0 +1,80 @@
+"""Run module-level *scenario* functions on 2 gloo processes (CPU) and collect what each rank returns.
+
+A scenario is ``fn(rank, world, out_dir) -> dict`` defined at module level in a test file: spawned
+children import that file by name, which works because pytest's default ``prepend`` import mode puts
+``tests/`` on ``sys.path`` and the spawn start method hands the parent's ``sys.path`` to its children.
+All scenarios share one spawn (starting a process that imports lightning costs seconds). The parent is
+in no process group, so every ``ssl_lightning.distributed`` helper is a no-op there: it computes the
+single-process reference on the global batch and compares.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+SPAWN_TIMEOUT_S = 120
+Scenario = Callable[[int, int, Path], dict]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: dict[str, Scenario]) -> None:
+    """Every scenario in turn on this rank; a scenario that raises is recorded and the next one runs
+    (the same code runs on every rank, so failures are symmetric and the collectives stay in step)."""
+    torch.set_num_threads(1)  # 2 processes on a small CPU machine: no oversubscription
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for name, scenario in scenarios.items():
+            try:
+                results[name] = scenario(rank, world, Path(out_dir))
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(scenarios: dict[str, Scenario], out_dir: Path, world: int = WORLD) -> list[dict]:
+    """Each rank's ``{scenario name: result}``, in rank order."""
+    ctx = mp.spawn(_worker, args=(world, free_port(), str(out_dir), scenarios), nprocs=world, join=False)
+    try:
+        waited = 0
+        while not ctx.join(timeout=5):  # raises ProcessRaisedException with a child's traceback
+            waited += 5
+            if waited >= SPAWN_TIMEOUT_S:
+                pytest.fail(f"the DDP workers did not finish in {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def results_getter(per_rank: list[dict], out: Path):
+    """``get(name)`` -> the scenario's per-rank results; fails the test with a rank's traceback if it raised."""
+
+    def get(name: str) -> list:
+        results = [res[name] for res in per_rank]
+        for r, res in enumerate(results):
+            if isinstance(res, dict) and "error" in res:
+                pytest.fail(f"scenario {name!r} raised on rank {r}:\n{res['error']}")
+        return results
+
+    get.out = out
+    return get
