@@ -2,7 +2,7 @@
 initialisation and after a short pretraining on a 5,000-image subset (CPU).
 
     python experiments/learning_check.py simclr:3 byol:6        # method:epochs, configs in experiments/fashion_mnist/
-Prints a markdown table and writes experiments/results/learning_check.json (merged with earlier runs).
+Writes experiments/results/learning_check/<method>.json and prints the table of every method measured so far.
 """
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from pathlib import Path
 from ssl_lightning.evaluation.learning import learning_check
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "results" / "learning_check.json"
+OUT = HERE / "results" / "learning_check"
 
 
 def main(specs: list[str]) -> None:
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    OUT.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         method, _, epochs = spec.partition(":")
         with tempfile.TemporaryDirectory() as run_dir:
             r = learning_check(str(HERE / "fashion_mnist" / f"{method}.yaml"), int(epochs or 3), run_dir)
-        results[method] = {**asdict(r), "config": f"experiments/fashion_mnist/{method}.yaml", "gain": r.gain}
+        record = {**asdict(r), "config": f"experiments/fashion_mnist/{method}.yaml", "gain": r.gain}
+        (OUT / f"{method}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"{method}: kNN {r.knn_random_init:.4f} -> {r.knn_trained:.4f} ({r.epochs} epochs, {r.seconds:.0f} s)", flush=True)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
     print("\n| method | epochs | kNN random init | kNN trained | probe top-1 | seconds |\n|---|---|---|---|---|---|")
     for method, r in sorted(results.items()):
         print(f"| {method} | {r['epochs']} | {r['knn_random_init']:.4f} | {r['knn_trained']:.4f} | "
