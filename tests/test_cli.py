@@ -109,7 +109,13 @@ def _standin(dataset: str, root: Path) -> list[str]:
     return ["--data.dataset_options", f'{{"class_list": "{class_list}"}}']
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if "fashion_mnist" not in c])
+# every method's CIFAR-10 recipe, and the STL-10 / ImageNet-100 data paths with SimCLR and BYOL
+# (the other methods' recipes there differ only in numbers that --print_config already checks)
+STEP_CONFIGS = [c for c in CONFIGS if c.startswith("experiments/cifar10/")
+                or (c.split("/")[1] in ("stl10", "imagenet100") and Path(c).stem in ("simclr", "byol"))]
+
+
+@pytest.mark.parametrize("config", STEP_CONFIGS)
 def test_gpu_recipes_run_a_step_on_standins(config, tmp_path):
     """The CIFAR-10 / STL-10 / ImageNet-100 recipes train through the CLI (on generated files in
     the real on-disk formats, with the recipe's model and views; batch and steps cut down)."""
