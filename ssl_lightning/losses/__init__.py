@@ -1,6 +1,10 @@
 """Losses as plain functions: testable alone and callable from any method."""
+from ssl_lightning.losses.barlow_twins import barlow_twins_loss
 from ssl_lightning.losses.infonce import moco_infonce, mocov3_infonce
 from ssl_lightning.losses.ntxent import nt_xent
 from ssl_lightning.losses.regression import byol_loss
+from ssl_lightning.losses.simsiam import simsiam_loss
+from ssl_lightning.losses.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
 
-__all__ = ["byol_loss", "moco_infonce", "mocov3_infonce", "nt_xent"]
+__all__ = ["barlow_twins_loss", "byol_loss", "covariance_loss", "invariance_loss", "moco_infonce", "mocov3_infonce",
+           "nt_xent", "simsiam_loss", "variance_loss", "vicreg_loss"]
