@@ -4,7 +4,8 @@ from ssl_lightning.losses.infonce import moco_infonce, mocov3_infonce
 from ssl_lightning.losses.ntxent import nt_xent
 from ssl_lightning.losses.regression import byol_loss
 from ssl_lightning.losses.simsiam import simsiam_loss
+from ssl_lightning.losses.swav import sinkhorn, swapped_prediction, swav_loss
 from ssl_lightning.losses.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
 
 __all__ = ["barlow_twins_loss", "byol_loss", "covariance_loss", "invariance_loss", "moco_infonce", "mocov3_infonce",
-           "nt_xent", "simsiam_loss", "variance_loss", "vicreg_loss"]
+           "nt_xent", "simsiam_loss", "sinkhorn", "swapped_prediction", "swav_loss", "variance_loss", "vicreg_loss"]

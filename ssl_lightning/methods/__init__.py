@@ -7,6 +7,7 @@ from ssl_lightning.methods.mocov3 import MoCoV3
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.methods.simclr import SimCLR
 from ssl_lightning.methods.simsiam import SimSiam
+from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.methods.vicreg import VICReg
 
-__all__ = ["BYOL", "BarlowTwins", "METHODS", "MoCoV1", "MoCoV2", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "VICReg"]
+__all__ = ["BYOL", "BarlowTwins", "METHODS", "MoCoV1", "MoCoV2", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "VICReg"]
