@@ -17,6 +17,7 @@ from ssl_lightning.backbones import BACKBONES, build_backbone  # noqa: E402
 from ssl_lightning.cli import _user_message, main  # noqa: E402
 from ssl_lightning.data import DATASETS  # noqa: E402
 from ssl_lightning.data.folder import ImageFolderDataset  # noqa: E402
+from ssl_lightning.methods import METHODS  # noqa: E402
 
 
 def dm(dataset: str, root=None, **kwargs) -> SSLDataModule:
@@ -228,7 +229,7 @@ def test_cli_unknown_method(tmp_path, capsys, monkeypatch):
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Unknown method 'NoSuchMethod'" in errors[0], err
-    assert "byol, simclr" in errors[0] and "my_module.MyMethod" in errors[0]
+    assert ", ".join(METHODS.names()) in errors[0] and "my_module.MyMethod" in errors[0]
     assert "Traceback" not in err
 
 
