@@ -78,3 +78,21 @@ def results_getter(per_rank: list[dict], out: Path):
 
     get.out = out
     return get
+
+
+class LossStep(torch.nn.Module):
+    """What Lightning's DDP wrapper does with ``training_step``: the method's whole loss inside
+    ``forward``, so DistributedDataParallel's reducer averages the gradients over processes in backward."""
+
+    def __init__(self, method: torch.nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
+        index = torch.arange(views[0].shape[0]) if index is None else index
+        out = self.method.loss(self.method.forward_views(views), views, index)
+        return out["loss"] if isinstance(out, dict) else out
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

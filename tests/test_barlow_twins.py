@@ -13,7 +13,7 @@ from ssl_lightning.losses.barlow_twins import barlow_twins_loss
 from ssl_lightning.methods.barlow_twins import BarlowTwins
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import WORLD, results_getter, run_ddp  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 LAMBD = 0.0051
 
@@ -125,21 +125,6 @@ def build_model() -> BarlowTwins:
 def global_batch() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(WORLD * B, 1, IMAGE, IMAGE, generator=g) for _ in range(2)]
-
-
-class LossStep(nn.Module):
-    """The loss inside ``forward``, as Lightning's DDP wrapper runs ``training_step``."""
-
-    def __init__(self, method: nn.Module) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return self.method.loss(self.method.forward_views(views), views, torch.arange(views[0].shape[0]))
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def scenario_barlow_twins(rank: int, world: int, out: Path) -> dict:

@@ -18,7 +18,7 @@ from ssl_lightning.losses import nt_xent
 from ssl_lightning.methods import BYOL, SimCLR
 from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
 
-from ddp_utils import WORLD, free_port, results_getter, run_ddp  # tests/ is on sys.path
+from ddp_utils import free_port, grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 B = 4  # images per process; the single-process reference gets the global batch of WORLD * B
 IMAGE = 16
@@ -80,22 +80,6 @@ def local_batch(rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     views, index = global_batch()
     sl = slice(rank * B, (rank + 1) * B)
     return [v[sl] for v in views], index[sl]
-
-
-class LossStep(nn.Module):
-    """What Lightning's DDP wrapper does with ``training_step``: the whole loss inside ``forward``,
-    so DistributedDataParallel's reducer averages the gradients over processes during backward."""
-
-    def __init__(self, method: nn.Module) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        return self.method.loss(self.method.forward_views(views), views, index)
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def params(module: nn.Module) -> dict[str, torch.Tensor]:

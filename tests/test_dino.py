@@ -16,7 +16,7 @@ from ssl_lightning.data.views import ViewConfig
 from ssl_lightning.losses.dino import DINOLoss, dino_cross_entropy, teacher_temperature
 from ssl_lightning.methods.dino import DINO
 
-from ddp_utils import WORLD, results_getter, run_ddp  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 K = 32  # out_dim in the small tests
 
@@ -112,21 +112,6 @@ def global_views(seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(WORLD * B, 1, IMAGE, IMAGE, generator=g) for _ in range(2)] + \
            [torch.randn(WORLD * B, 1, IMAGE // 2, IMAGE // 2, generator=g) for _ in range(3)]
-
-
-class LossStep(nn.Module):
-    """Lightning's DDP wrapper: the loss inside forward, so the reducer averages gradients in backward."""
-
-    def __init__(self, method: DINO) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views):
-        return self.method.loss(self.method.forward_views(views), views, None)["loss"]
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def scenario_dino(rank: int, world: int, out: Path) -> dict:

@@ -20,7 +20,7 @@ from ssl_lightning.methods.mocov3 import MoCoV3
 from ssl_lightning.modules import ema_update, momentum_copy
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import WORLD, results_getter, run_ddp  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 TINY = dict(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0)
 NORM_FREE = dict(TINY, backbone_kwargs={"width": 8, "norm": "none"})
@@ -209,19 +209,6 @@ def build_mocov3() -> MoCoV3:
     return model
 
 
-class LossStep(nn.Module):
-    def __init__(self, method: nn.Module) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views, index):
-        return self.method.loss(self.method.forward_views(views), views, index)
-
-
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _ddp_steps(model: nn.Module, init: Path, rank: int) -> dict:
     """Two loss evaluations on this rank's shard: the first backpropagated through DDP, the second
     (another batch) reads the queue the first one filled."""
@@ -234,7 +221,7 @@ def _ddp_steps(model: nn.Module, init: Path, rank: int) -> dict:
     with torch.no_grad():
         views2 = [v[sl] for v in _views(WORLD * B, seed=2)]
         loss2 = model.loss(model.forward_views(views2), views2, None)
-    return {"loss": loss.detach(), "loss2": loss2, "grads": _grads(model),
+    return {"loss": loss.detach(), "loss2": loss2, "grads": grads(model),
             "state": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("queue.")}}
 
 
@@ -266,7 +253,7 @@ def _reference(model: nn.Module) -> dict:
     loss.backward()
     with torch.no_grad():
         loss2 = model.loss(model.forward_views(_views(WORLD * B, seed=2)), _views(WORLD * B, seed=2), None)
-    return {"loss": loss.detach(), "loss2": loss2, "grads": _grads(model),
+    return {"loss": loss.detach(), "loss2": loss2, "grads": grads(model),
             "state": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("queue.")}}
 
 

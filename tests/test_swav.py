@@ -16,7 +16,7 @@ from ssl_lightning.losses.swav import sinkhorn, swav_loss
 from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import WORLD, results_getter, run_ddp  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 
 # ---- plain transcriptions of the paper / official code (numpy, float64) -------------------------------
@@ -199,15 +199,6 @@ def build_ddp_swav() -> SwAV:
 
 def global_scores() -> torch.Tensor:
     return random_scores(1, B=WORLD * B, K=10, seed=3)[0]
-
-
-class LossStep(nn.Module):
-    def __init__(self, method: nn.Module) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views):
-        return self.method.loss(self.method.forward_views(views), views, None)["loss"]
 
 
 def scenario_sinkhorn(rank: int, world: int, out: Path) -> dict:
