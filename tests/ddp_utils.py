@@ -96,3 +96,13 @@ class LossStep(torch.nn.Module):
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def ddp_loss_backward(model: torch.nn.Module, init: Path, views: list[torch.Tensor],
+                      index: torch.Tensor | None = None) -> torch.Tensor:
+    """Load the shared initial weights, run this rank's views through DDP and backpropagate."""
+    model.load_state_dict(torch.load(init))
+    ddp = torch.nn.parallel.DistributedDataParallel(LossStep(model))  # kept alive: its reducer averages in backward
+    loss = ddp(views, index)
+    loss.backward()
+    return loss.detach()

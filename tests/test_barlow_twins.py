@@ -13,7 +13,7 @@ from ssl_lightning.losses.barlow_twins import barlow_twins_loss
 from ssl_lightning.methods.barlow_twins import BarlowTwins
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 LAMBD = 0.0051
 
@@ -129,12 +129,8 @@ def global_batch() -> list[torch.Tensor]:
 
 def scenario_barlow_twins(rank: int, world: int, out: Path) -> dict:
     model = build_model()
-    model.load_state_dict(torch.load(out / "init.pt"))
-    views = [v[rank * B:(rank + 1) * B] for v in global_batch()]
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
-    loss = ddp(views)
-    loss.backward()
-    return {"loss": loss.detach(), "grads": grads(model)}
+    loss = ddp_loss_backward(model, out / "init.pt", [v[rank * B:(rank + 1) * B] for v in global_batch()])
+    return {"loss": loss, "grads": grads(model)}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from ssl_lightning.losses import nt_xent
 from ssl_lightning.methods import BYOL, SimCLR
 from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
 
-from ddp_utils import free_port, grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, free_port, grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 B = 4  # images per process; the single-process reference gets the global batch of WORLD * B
 IMAGE = 16
@@ -96,13 +96,9 @@ def byol_step(model: BYOL) -> None:
 
 # ---- scenarios (run on every rank; return what the parent checks) -----------------------------------
 def ddp_backward(model: nn.Module, init: Path, rank: int):
-    """Load the shared initial weights, run this rank's shard through DDP and backpropagate."""
-    model.load_state_dict(torch.load(init))
+    """This rank's shard of the global batch through DDP, backpropagated from the shared initial weights."""
     views, index = local_batch(rank)
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))  # kept alive: its reducer averages in backward
-    loss = ddp(views, index)
-    loss.backward()
-    return loss.detach(), views, index
+    return ddp_loss_backward(model, init, views, index), views, index
 
 
 def scenario_simclr(rank: int, world: int, out: Path) -> dict:

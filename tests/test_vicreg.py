@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ssl_lightning.heads import mlp
 from ssl_lightning.losses.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
 from ssl_lightning.methods.vicreg import VICReg
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 
 def vicreg_reference(x: torch.Tensor, y: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0):
@@ -113,12 +112,8 @@ def global_batch() -> list[torch.Tensor]:
 
 def scenario_vicreg(rank: int, world: int, out: Path) -> dict:
     model = build_model()
-    model.load_state_dict(torch.load(out / "init.pt"))
-    views = [v[rank * B:(rank + 1) * B] for v in global_batch()]
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
-    loss = ddp(views)
-    loss.backward()
-    return {"loss": loss.detach(), "grads": grads(model)}
+    loss = ddp_loss_backward(model, out / "init.pt", [v[rank * B:(rank + 1) * B] for v in global_batch()])
+    return {"loss": loss, "grads": grads(model)}
 
 
 @pytest.fixture(scope="module")
