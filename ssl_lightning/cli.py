@@ -17,7 +17,7 @@ import time
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from ssl_lightning.callbacks import KNNMonitor
+from ssl_lightning.callbacks import ClusterMonitor, KNNMonitor
 from ssl_lightning.data import SSLDataModule
 from ssl_lightning.methods import SSLMethod
 from ssl_lightning.registry import SSLError
@@ -41,7 +41,8 @@ class RunDirConfig(SaveConfigCallback):
 class SSLCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunDirConfig)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RichProgressBar(leave=True), LearningRateMonitor("step")]})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RichProgressBar(leave=True), LearningRateMonitor("step"),
+                                                             ClusterMonitor()]})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(SSLMethod, SSLDataModule, *args, subclass_mode_model=True, **kwargs)
 

@@ -3,7 +3,7 @@ random-initialisation accuracy? Used by tests/test_learning.py and experiments/l
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -14,6 +14,7 @@ class LearningCheck:
     knn_trained: float
     probe_trained: float
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # every val/ metric after training
 
     @property
     def gain(self) -> float:
@@ -39,4 +40,5 @@ def learning_check(config: str, epochs: int, run_dir: str, train_subset: int = 5
     knn = next(c for c in cli.trainer.callbacks if isinstance(c, KNNMonitor))
     metrics = cli.trainer.callback_metrics
     return LearningCheck(config, epochs, float(knn.initial_accuracy), float(metrics["val/knn_top1"]),
-                         float(metrics.get("val/probe_top1", float("nan"))), time.time() - start)
+                         float(metrics.get("val/probe_top1", float("nan"))), time.time() - start,
+                         {k: float(v) for k, v in metrics.items() if k.startswith("val/")})

@@ -83,6 +83,11 @@ class SSLMethod(L.LightningModule):
         their parameters are left out of the default groups."""
         return []
 
+    def class_probabilities(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """``(B, C)`` class probabilities from backbone features, for methods with a class head
+        (TWIST); scored by :class:`~ssl_lightning.callbacks.ClusterMonitor` and ``ssl-lightning cluster``."""
+        return None
+
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features, the representation that probes and evaluations use."""
