@@ -5,18 +5,26 @@ one per view (see :mod:`ssl_lightning.data.views`), ``labels`` -1 for unlabelled
 ``indices`` the samples' positions in the training set (for memory banks and per-sample state).
 Validation gives two loaders of ``(image, label)``: the un-augmented training set (index 0, the kNN
 bank) and the validation set (index 1).
+
+Where the views are made (``augment``): ``"workers"`` (default) runs the per-image torchvision pipeline in
+the loader workers; ``"device"`` has the loader collate the un-augmented uint8 images (4x less to copy than
+float views, pinned, copied non-blocking) and :meth:`SSLDataModule.on_after_batch_transfer` augment the
+whole batch on the training device (:class:`~ssl_lightning.data.batch_views.BatchMultiView`).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torchvision.transforms.v2 import functional as TF
 
 from ssl_lightning import distributed
+from ssl_lightning.data.batch_views import BatchMultiView
 from ssl_lightning.data.datasets import DATASETS, DatasetSpec
 from ssl_lightning.data.sampler import SeededSampler
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, eval_transform, view_preset
@@ -42,6 +50,37 @@ class MultiViewDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), label, index
+
+
+class RawImageDataset(Dataset):
+    """``dataset[(i, seed)] -> (image, label, i, seed)``: the un-augmented uint8 image ``(C, H, W)``, for
+    augmentation on the device. Images of varying size are resized (shorter side, antialiased) and centre
+    cropped to ``load_size`` so that they batch; fixed-size images are passed as they are."""
+
+    def __init__(self, base: Dataset, load_size: int | None = None) -> None:
+        self.base, self.load_size = base, load_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self.base[index]
+        image = image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image)
+        if self.load_size is not None:
+            image = TF.center_crop(TF.resize(image, self.load_size, antialias=True), self.load_size)
+        return torch.Tensor.as_subclass(image, torch.Tensor), label, index, seed
+
+
+def collate_raw(items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+    """``(uint8 images (B, C, H, W), labels, indices, batch seed)``; the batch seed (an int that stays on the
+    host) is a hash of the samples' seeds, i.e. of ``(data seed, epoch, indices)``: it seeds the batch's views."""
+    images, labels, indices = default_collate([item[:3] for item in items])
+    seeds = [item[3] for item in items]
+    if any(s is None for s in seeds):
+        return images, labels, indices, None
+    digest = hashlib.blake2b(torch.tensor(seeds, dtype=torch.int64).numpy().tobytes(), digest_size=8).digest()
+    return images, labels, indices, int.from_bytes(digest, "little") >> 1
 
 
 class TransformDataset(Dataset):
@@ -78,6 +117,13 @@ class SSLDataModule(L.LightningDataModule):
             the pretraining set, of the un-augmented training set (kNN bank) and of the validation set.
         dataset_options: extra keyword arguments of the dataset loader (``class_list`` for folders,
             ``size``/``num_classes``/``channels``/``image_size`` for ``synthetic``).
+        augment: ``"workers"``: each image's views made by the torchvision pipeline in the loader workers;
+            ``"device"``: the loader sends uint8 images and the whole batch is augmented on the training
+            device (same augmentation distributions, see :mod:`ssl_lightning.data.batch_views`).
+        load_size: with ``augment="device"``, images of varying size (image folders) are loaded resized
+            (shorter side) and centre-cropped to this side, default ``image_size / 0.875`` (256 for 224),
+            and crops are drawn from that square -- an approximation: the per-image pipeline crops the
+            whole original image, borders of non-square images included.
     """
 
     def __init__(
@@ -97,6 +143,8 @@ class SSLDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = True,
         dataset_options: dict[str, Any] | None = None,
+        augment: Literal["workers", "device"] = "workers",
+        load_size: int | None = None,
     ) -> None:
         super().__init__()
         self.spec: DatasetSpec = DATASETS.get(dataset)
@@ -109,8 +157,14 @@ class SSLDataModule(L.LightningDataModule):
         self.view_configs = [v if v.size else replace(v, size=self.image_size) for v in self.view_configs]
         self.train_subset, self.eval_subset, self.val_subset, self.seed = train_subset, eval_subset, val_subset, seed
         self.pin_memory = pin_memory
+        if augment not in ("workers", "device"):
+            raise SSLError(f"Unknown data.augment {augment!r}: use \"workers\" (per-image, in the loader workers) "
+                           "or \"device\" (whole batches on the training device)")
+        self.augment = augment
+        self.load_size = load_size or int(round(self.image_size / 0.875))
         self.mean = self.spec.mean if self.in_channels == len(self.spec.mean) else self.spec.mean[:1] * self.in_channels
         self.std = self.spec.std if self.in_channels == len(self.spec.std) else self.spec.std[:1] * self.in_channels
+        self.batch_views = BatchMultiView(self.view_configs, self.mean, self.std) if augment == "device" else None
         self._loaded: dict[str, Dataset | None] = {}
         self.pretrain_set: Dataset | None = None
         self.eval_set: Dataset | None = None
@@ -150,7 +204,10 @@ class SSLDataModule(L.LightningDataModule):
                     f"The global batch ({self.batch_size} per process x {distributed.world_size()} processes = "
                     f"{global_batch}) is larger than the training set ({len(base)} images): lower "
                     "data.batch_size or use more images (data.train_subset).")
-            self.pretrain_set = MultiViewDataset(base, MultiViewTransform(self.view_configs, self.mean, self.std))
+            if self.augment == "device":
+                self.pretrain_set = RawImageDataset(base, self.load_size if self.spec.resize_eval else None)
+            else:
+                self.pretrain_set = MultiViewDataset(base, MultiViewTransform(self.view_configs, self.mean, self.std))
         if self.eval_set is None and self.num_classes > 0:
             evaluate = eval_transform(self.image_size, self.mean, self.std, self.spec.resize_eval)
             val = self._load("val")
@@ -167,9 +224,24 @@ class SSLDataModule(L.LightningDataModule):
         if self.pretrain_set is None:
             self.setup("fit")
         sampler = SeededSampler(self.pretrain_set, seed=self.seed)
-        return self._loader(self.pretrain_set, self.batch_size, sampler=sampler, drop_last=True)
+        collate = {"collate_fn": collate_raw} if self.augment == "device" else {}
+        return self._loader(self.pretrain_set, self.batch_size, sampler=sampler, drop_last=True, **collate)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_set is None:
             return []
         return [self._loader(self.eval_set, self.eval_batch_size), self._loader(self.val_set, self.eval_batch_size)]
+
+    # ---- augmentation on the device ------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``augment="device"``, turns a training batch ``(uint8 images, labels, indices, seed)``, now on
+        the device, into ``(views, labels, indices)``; validation batches and ``"workers"`` batches pass."""
+        if self.augment != "device" or (self.trainer is not None and not self.trainer.training):
+            return batch
+        return self.augment_batch(batch)
+
+    def augment_batch(self, batch: Any) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The views of a ``collate_raw`` batch, drawn with a generator seeded by the batch seed."""
+        images, labels, indices, seed = batch
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return self.batch_views(images, generator), labels, indices
