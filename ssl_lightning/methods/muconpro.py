@@ -82,7 +82,7 @@ class MuConPro(SSLMethod):
             negatives = None
             if self.queue is not None:
                 self._check_bank(t.shape[0] * t.shape[1])
-                negatives = self.queue.bank[: int(self.queue.filled)].clone()
+                negatives = self.queue.filled_rows().clone()
             gen, disc = kde_terms(z, t, self.temperature, negatives)
         loss = {"genpro": gen, "discpro": disc, "muconpro": gen + disc}[hp.objective].mean()
         if self.queue is not None:  # after the loss; image-major rows, gathered over processes in rank order

@@ -51,7 +51,7 @@ class SwAV(SSLMethod):
         queue_scores = None
         if self.queue is not None:
             self._check_queue(bs)
-            if self.current_epoch >= hp.queue_start_epoch and all(int(q.filled) == q.size for q in self.queue):
+            if self.current_epoch >= hp.queue_start_epoch and all(q.is_full for q in self.queue):
                 world, rank = distributed.world_size(), distributed.rank()
                 with torch.no_grad():  # this process's shard: over all processes, every queued row once
                     queue_scores = [self.prototypes(q.bank.chunk(world)[rank]) for q in self.queue]
