@@ -47,7 +47,10 @@ class SSLCLI(LightningCLI):
         super().__init__(SSLMethod, SSLDataModule, *args, subclass_mode_model=True, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, _resolve_methods(sys.argv[1:] if args is None else args))
+        if isinstance(args, dict):
+            return super().parse_arguments(parser, args)
+        # short method names resolved first; parsed directly (LightningCLI warns when given args and sys.argv)
+        self.config = parser.parse_args(_resolve_methods(sys.argv[1:] if args is None else list(args)))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
@@ -158,9 +161,21 @@ def _user_message(err: BaseException) -> str:
     return msg.rsplit(marker, 1)[-1].strip() if "Original Traceback" in msg and marker in msg else msg
 
 
+EVAL_COMMANDS = ("linear", "knn", "finetune", "cluster", "transfer", "export", "embed", "retrieve")
+
+
 def main(args: list[str] | None = None) -> None:
+    """``fit`` / ``validate`` / ...: LightningCLI; the evaluation commands: :mod:`ssl_lightning.evaluation.cli`."""
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        SSLCLI(args=args)
+        if argv and argv[0] in EVAL_COMMANDS:
+            from ssl_lightning.evaluation.cli import main as evaluate
+
+            evaluate(argv)
+        else:
+            if argv[:1] in (["-h"], ["--help"]):
+                print(f"Evaluation commands: {', '.join(EVAL_COMMANDS)} (ssl-lightning <command> --help)\n")
+            SSLCLI(args=args)
     except SSLError as err:
         print(f"error: {_user_message(err)}", file=sys.stderr)
         sys.exit(2)

@@ -63,7 +63,7 @@ def run_ddp(scenarios: dict[str, Scenario], out_dir: Path, world: int = WORLD) -
             if p.is_alive():
                 p.terminate()
                 p.join()
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def results_getter(per_rank: list[dict], out: Path):
@@ -101,7 +101,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def ddp_loss_backward(model: torch.nn.Module, init: Path, views: list[torch.Tensor],
                       index: torch.Tensor | None = None) -> torch.Tensor:
     """Load the shared initial weights, run this rank's views through DDP and backpropagate."""
-    model.load_state_dict(torch.load(init))
+    model.load_state_dict(torch.load(init, weights_only=True))
     ddp = torch.nn.parallel.DistributedDataParallel(LossStep(model))  # kept alive: its reducer averages in backward
     loss = ddp(views, index)
     loss.backward()

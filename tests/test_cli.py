@@ -18,7 +18,7 @@ from ssl_lightning.cli import main  # noqa: E402
 from ssl_lightning.methods import SimCLR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*/*.yaml"))
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*/*.yaml") if p.parent.name != "eval")  # eval: test_evaluation
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 QUICK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_model_summary", "false",
          "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "0", "--data.pin_memory", "false"]
@@ -69,7 +69,7 @@ def test_fit_validate_resume(tmp_path, capsys):
     knn = [float(r["val/knn_top1"]) for r in metrics if r.get("val/knn_top1")]
     probe = [float(r["val/probe_top1"]) for r in metrics if r.get("val/probe_top1")]
     assert len(knn) == 1 and 0.1 < knn[0] <= 1 and len(probe) == 1
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["num_classes"] == 10
     model = SimCLR.load_from_checkpoint(last, map_location="cpu").eval()  # a plain Lightning reload
     assert model.probe is not None and model(torch.zeros(2, 1, 28, 28)).shape == (2, 256)
@@ -80,7 +80,7 @@ def test_fit_validate_resume(tmp_path, capsys):
 
     # resume: one more epoch continues from step 3
     run("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(last), "--trainer.max_epochs", "2")
-    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert torch.load(last, weights_only=True)["global_step"] == 6
     logs = sorted(run_dir.rglob("metrics.csv"))  # fit, validate, resume; relative paths not nested again
     assert len(logs) == 3 and all(p.parent.parent == run_dir / "lightning_logs" for p in logs)
 
@@ -131,7 +131,7 @@ def test_gpu_recipes_run_a_step_on_standins(config, tmp_path):
     run("fit", "--config", str(REPO / config), *QUICK, "--run_dir", str(run_dir), "--trainer.logger", "false",
         "--trainer.precision", "32-true", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
         "--data.root", str(root), "--data.batch_size", "4", "--data.eval_batch_size", "4", *extra)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 1
     assert ckpt["hyper_parameters"]["backbone"] == "resnet18"
 
@@ -162,6 +162,6 @@ def test_cli_ddp_two_processes_bf16_tensorboard(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "global batch 16 / 256" in log  # 8 per process x 2 processes
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert glob.glob(str(run_dir / "lightning_logs" / "version_0" / "events.out.tfevents.*"))

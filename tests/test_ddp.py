@@ -192,7 +192,7 @@ def _reference_step(model: nn.Module) -> tuple[torch.Tensor, dict]:
 def test_simclr_ddp_matches_single_process(ddp):
     results = ddp("simclr")
     model = build_simclr()
-    model.load_state_dict(torch.load(ddp.out / "simclr_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "simclr_init.pt", weights_only=True))
     ref_loss, ref_grads = _reference_step(model)
 
     for res in results:
@@ -222,7 +222,7 @@ def test_simclr_ddp_differs_without_gather():
 def test_byol_ddp_matches_single_process(ddp):
     results = ddp("byol")
     model = build_byol()
-    model.load_state_dict(torch.load(ddp.out / "byol_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "byol_init.pt", weights_only=True))
     ref_loss, ref_grads = _reference_step(model)
     byol_step(model)
     ref_teacher = params(model.teacher_backbone) | {f"proj.{k}": v for k, v in params(model.teacher_projector).items()}
@@ -235,7 +235,7 @@ def test_byol_ddp_matches_single_process(ddp):
         _assert_close_dicts(res["grads"], ref_grads, atol=GRAD_ATOL, rtol=GRAD_RTOL, what=f"rank {r} grad")
         _assert_close_dicts(res["student"], ref_student, atol=1e-6, what=f"rank {r} student after SGD step")
         _assert_close_dicts(res["teacher"], ref_teacher, atol=1e-6, what=f"rank {r} teacher after EMA")
-    init = torch.load(ddp.out / "byol_init.pt")
+    init = torch.load(ddp.out / "byol_init.pt", weights_only=True)
     assert not torch.allclose(ref_teacher["features.0.weight"], init["teacher_backbone.features.0.weight"])
 
 

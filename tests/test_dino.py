@@ -116,7 +116,7 @@ def global_views(seed: int = 1) -> list[torch.Tensor]:
 
 def scenario_dino(rank: int, world: int, out: Path) -> dict:
     model = build_dino()
-    model.load_state_dict(torch.load(out / "dino_init.pt"))
+    model.load_state_dict(torch.load(out / "dino_init.pt", weights_only=True))
     model.dino_loss.center.normal_(generator=torch.Generator().manual_seed(5))  # a non-zero centre, same on all ranks
     views = [v[rank * B:(rank + 1) * B] for v in global_views()]
     ddp = nn.parallel.DistributedDataParallel(LossStep(model))
@@ -142,7 +142,7 @@ def ddp(tmp_path_factory):
 def test_ddp_matches_single_process_on_global_batch(ddp):
     results = ddp("dino")
     model = build_dino()
-    model.load_state_dict(torch.load(ddp.out / "dino_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "dino_init.pt", weights_only=True))
     model.dino_loss.center.normal_(generator=torch.Generator().manual_seed(5))
     views = global_views()
     loss = model.loss(model.forward_views(views), views, None)["loss"]

@@ -212,7 +212,7 @@ def build_mocov3() -> MoCoV3:
 def _ddp_steps(model: nn.Module, init: Path, rank: int) -> dict:
     """Two loss evaluations on this rank's shard: the first backpropagated through DDP, the second
     (another batch) reads the queue the first one filled."""
-    model.load_state_dict(torch.load(init))
+    model.load_state_dict(torch.load(init, weights_only=True))
     sl = slice(rank * B, (rank + 1) * B)
     ddp = nn.parallel.DistributedDataParallel(LossStep(model))
     views = [v[sl] for v in _views(WORLD * B, seed=1)]
@@ -273,7 +273,7 @@ def _check_against_single_process(results: list[dict], ref: dict) -> None:
 def test_moco_v2_ddp_matches_single_process(ddp):
     results = ddp("moco")
     model = build_moco()
-    model.load_state_dict(torch.load(ddp.out / "moco_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "moco_init.pt", weights_only=True))
     ref = _reference(model)
     assert int(ref["state"]["queue.ptr"]) == 0 and int(ref["state"]["queue.filled"]) == 16  # 2 x 8 keys
     _check_against_single_process(results, ref)
@@ -288,7 +288,7 @@ def test_moco_v2_ddp_matches_single_process(ddp):
 def test_mocov3_ddp_matches_single_process(ddp):
     results = ddp("mocov3")
     model = build_mocov3()
-    model.load_state_dict(torch.load(ddp.out / "mocov3_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "mocov3_init.pt", weights_only=True))
     _check_against_single_process(results, _reference(model))
 
 

@@ -207,7 +207,7 @@ def scenario_sinkhorn(rank: int, world: int, out: Path) -> dict:
 
 def scenario_swav(rank: int, world: int, out: Path) -> dict:
     model = build_ddp_swav()
-    model.load_state_dict(torch.load(out / "swav_init.pt"))
+    model.load_state_dict(torch.load(out / "swav_init.pt", weights_only=True))
     views = [v[rank * B:(rank + 1) * B] for v in multicrop_views(WORLD * B)]
     ddp = nn.parallel.DistributedDataParallel(LossStep(model))
     loss = ddp(views)
@@ -237,7 +237,7 @@ def test_ddp_sinkhorn_equals_single_process_on_global_batch(ddp):
 def test_ddp_swav_loss_and_grads_equal_single_process(ddp):
     results = ddp("swav")
     model = build_ddp_swav()
-    model.load_state_dict(torch.load(ddp.out / "swav_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "swav_init.pt", weights_only=True))
     views = multicrop_views(WORLD * B)
     out = model.loss(model.forward_views(views), views, None)
     assert float(out["queue_in_use"]) == 1.0

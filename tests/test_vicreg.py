@@ -126,7 +126,7 @@ def ddp(tmp_path_factory):
 def test_vicreg_ddp_matches_single_process(ddp):
     results = ddp("vicreg")
     model = build_model()
-    model.load_state_dict(torch.load(ddp.out / "init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "init.pt", weights_only=True))
     views = global_batch()
     ref_loss = LossStep(model)(views)
     ref_loss.backward()

@@ -134,7 +134,7 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def scenario_wmse(rank: int, world: int, out: Path) -> dict:
     model = build_wmse()
-    model.load_state_dict(torch.load(out / "wmse_init.pt"))
+    model.load_state_dict(torch.load(out / "wmse_init.pt", weights_only=True))
     views = [v[rank * B:(rank + 1) * B] for v in global_views()]
     ddp = nn.parallel.DistributedDataParallel(LossStep(model))
     torch.manual_seed(11 + rank)  # different RNG on each rank: the permutation must come from rank 0
@@ -158,7 +158,7 @@ def ddp(tmp_path_factory):
 def test_ddp_matches_single_process_on_global_batch(ddp):
     results = ddp("wmse")
     model = build_wmse()
-    model.load_state_dict(torch.load(ddp.out / "wmse_init.pt"))
+    model.load_state_dict(torch.load(ddp.out / "wmse_init.pt", weights_only=True))
     views = global_views()
     torch.manual_seed(11)
     loss = model.loss(model.forward_views(views), views, None)

@@ -1,4 +1,5 @@
 from ssl_lightning.callbacks.clusters import ClusterMonitor
+from ssl_lightning.callbacks.embedding import EmbeddingPlot
 from ssl_lightning.callbacks.knn import KNNMonitor
 
-__all__ = ["ClusterMonitor", "KNNMonitor"]
+__all__ = ["ClusterMonitor", "EmbeddingPlot", "KNNMonitor"]
