@@ -63,5 +63,6 @@ def teacher_temperature(epoch: int, teacher_temp: float = 0.07, warmup_teacher_t
     """The official schedule: ``linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)[epoch]`` during
     the warm-up (so the last warm-up epoch already has ``teacher_temp``), then ``teacher_temp``."""
     if epoch < warmup_teacher_temp_epochs:
-        return float(torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)[epoch])
+        step = (teacher_temp - warmup_teacher_temp) / max(1, warmup_teacher_temp_epochs - 1)
+        return warmup_teacher_temp + step * epoch  # plain Python: no tensor to read back in the training step
     return teacher_temp

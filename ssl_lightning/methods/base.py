@@ -39,6 +39,10 @@ class SSLMethod(L.LightningModule):
         warmup_epochs: linear warm-up length (fractions allowed); then cosine decay to
             ``min_lr_ratio * lr``, updated every step.
         probe_lr: the probe's own (unscaled) learning rate, no weight decay.
+        channels_last: keep the model and the views in channels-last memory format (faster convolutions
+            on GPUs with tensor cores, especially with bf16 / fp16 mixed precision).
+        compile: ``torch.compile`` the backbone in place (state-dict keys unchanged, so checkpoints load
+            either way); the first steps are slower while it compiles.
     """
 
     #: run views of equal shape through the backbone in one batch (False: one pass per view)
@@ -58,6 +62,8 @@ class SSLMethod(L.LightningModule):
         warmup_epochs: float = 10,
         min_lr_ratio: float = 0.0,
         probe_lr: float = 0.1,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +72,8 @@ class SSLMethod(L.LightningModule):
         if num_classes:
             self.probe = OnlineLinearProbe(self.backbone.num_features, num_classes)
         self._ema_step = -1
+        if compile:
+            self.backbone.compile()
 
     # ---- to implement / override in methods -----------------------------------------------------
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> LossOutput:
@@ -112,6 +120,8 @@ class SSLMethod(L.LightningModule):
     # ---- steps ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         views, labels, index = batch
+        if self.hparams.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         feats = self.forward_views(views)
         out = self.loss(feats, views, index)
         terms = out if isinstance(out, dict) else {"loss": out}
@@ -139,6 +149,8 @@ class SSLMethod(L.LightningModule):
 
     # ---- set-up -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
         if self.hparams.num_classes is None and self.probe is None:
             n = int(getattr(self.trainer.datamodule, "num_classes", 0) or 0)
             self.hparams.num_classes = n  # saved with checkpoints, so loading rebuilds the probe

@@ -13,7 +13,8 @@ class OnlineLinearProbe(nn.Module):
     def __init__(self, num_features: int, num_classes: int) -> None:
         super().__init__()
         self.linear = nn.Linear(num_features, num_classes)
-        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1,
+                                             validate_args=False)  # no value checks: they would wait on the device
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=-1)
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", ignore_index=-1)
 
@@ -22,11 +23,10 @@ class OnlineLinearProbe(nn.Module):
 
     def training_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self(features)
-        labelled = labels >= 0
-        if not labelled.any():  # e.g. an all-unlabelled STL-10 batch: no probe update
-            return logits.sum() * 0.0
-        self.train_top1.update(logits[labelled], labels[labelled])
-        return F.cross_entropy(logits[labelled], labels[labelled])
+        self.train_top1.update(logits, labels)  # ignores -1
+        # mean over the labelled samples, 0 for an all-unlabelled (e.g. STL-10) batch; no host sync
+        n = (labels >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / n
 
     @torch.no_grad()
     def validation_update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
