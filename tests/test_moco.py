@@ -20,7 +20,8 @@ from ssl_lightning.methods.mocov3 import MoCoV3
 from ssl_lightning.modules import ema_update, momentum_copy
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from resume_utils import check_resume_is_exact
 
 TINY = dict(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0)
 NORM_FREE = dict(TINY, backbone_kwargs={"width": 8, "norm": "none"})
@@ -212,16 +213,13 @@ def build_mocov3() -> MoCoV3:
 def _ddp_steps(model: nn.Module, init: Path, rank: int) -> dict:
     """Two loss evaluations on this rank's shard: the first backpropagated through DDP, the second
     (another batch) reads the queue the first one filled."""
-    model.load_state_dict(torch.load(init, weights_only=True))
     sl = slice(rank * B, (rank + 1) * B)
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
     views = [v[sl] for v in _views(WORLD * B, seed=1)]
-    loss = ddp(views, torch.arange(WORLD * B)[sl])
-    loss.backward()
+    loss = ddp_loss_backward(model, init, views, torch.arange(WORLD * B)[sl])
     with torch.no_grad():
         views2 = [v[sl] for v in _views(WORLD * B, seed=2)]
         loss2 = model.loss(model.forward_views(views2), views2, None)
-    return {"loss": loss.detach(), "loss2": loss2, "grads": grads(model),
+    return {"loss": loss, "loss2": loss2, "grads": grads(model),
             "state": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("queue.")}}
 
 
@@ -253,7 +251,7 @@ def _reference(model: nn.Module) -> dict:
     loss.backward()
     with torch.no_grad():
         loss2 = model.loss(model.forward_views(_views(WORLD * B, seed=2)), _views(WORLD * B, seed=2), None)
-    return {"loss": loss.detach(), "loss2": loss2, "grads": grads(model),
+    return {"loss": loss, "loss2": loss2, "grads": grads(model),
             "state": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("queue.")}}
 
 
@@ -302,47 +300,31 @@ def test_mocov3_ddp_differs_without_gathered_keys():
 
 
 # ---- exact resume -------------------------------------------------------------------------------------------
-class StopAfterFirstEpoch(L.Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
 def _model(cls):
     L.seed_everything(0)
     extra = dict(queue_size=16, proj_out=16) if cls is MoCoV2 else dict(proj_hidden=32, proj_out=16, pred_hidden=32)
     return cls(**dict(TINY, num_classes=10), optimizer="sgd", lr=0.5, warmup_epochs=1, momentum_base=0.9, **extra)
 
 
-def _fit(model, ckpt_path=None, interrupt=False) -> L.Trainer:
-    data = SSLDataModule("synthetic", batch_size=8, num_workers=0, pin_memory=False, image_size=16,
+def _data() -> SSLDataModule:
+    return SSLDataModule("synthetic", batch_size=8, num_workers=0, pin_memory=False, image_size=16,
                          dataset_options={"size": 32, "image_size": 16, "channels": 1})
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        deterministic=True, callbacks=[StopAfterFirstEpoch()] if interrupt else [])
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return trainer
+
+
+def _perturb(model) -> None:  # restored state must not depend on init (queue included)
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            buf.data.zero_()
+    torch.nn.init.normal_(next(model.parameters()))
 
 
 @pytest.mark.parametrize("cls", [MoCoV2, MoCoV3])
 def test_resume_matches_uninterrupted(cls, tmp_path):
-    straight = _model(cls)
-    _fit(straight)
-    first = _model(cls)
-    t_first = _fit(first, interrupt=True)
-    ckpt = tmp_path / "epoch1.ckpt"
-    t_first.save_checkpoint(ckpt)
-    resumed = _model(cls)
-    for buf in resumed.buffers():  # restored state must not depend on init (queue included)
-        if buf.is_floating_point():
-            buf.data.zero_()
-    torch.nn.init.normal_(next(resumed.parameters()))
-    _fit(resumed, ckpt_path=str(ckpt))
-    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
-    assert sd_a.keys() == sd_b.keys()
+    # parameters, BN buffers, key encoder, queue + pointer, probe, optimizer state: bit-identical
+    straight, *_ = check_resume_is_exact(lambda: _model(cls), _data, tmp_path, perturb=_perturb)
+    sd_a = straight.state_dict()
     teacher = "key_backbone." if cls is MoCoV2 else "momentum_backbone."
     assert any(k.startswith(teacher) for k in sd_a)
-    for key in sd_a:  # parameters, BN buffers, key encoder, queue + pointer, probe
-        torch.testing.assert_close(sd_a[key], sd_b[key], rtol=0, atol=0, msg=key)
     if cls is MoCoV2:
         assert int(sd_a["queue.filled"]) == 16 and int(sd_a["queue.ptr"]) == 0  # 8 steps x 8 keys wrapped
         init = _model(cls).state_dict()

@@ -22,7 +22,8 @@ from ssl_lightning.methods.muconpro import DiscPro, GenPro, MuConPro
 from ssl_lightning.modules import momentum_copy
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, results_getter, run_ddp, WORLD, LossStep  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from resume_utils import check_resume_is_exact
 
 INF = float("inf")
 OBJECTIVES = ("genpro", "discpro", "muconpro")
@@ -306,12 +307,9 @@ def scenario_loss(rank: int, world: int, out: Path) -> dict:
 
 def scenario_method(rank: int, world: int, out: Path) -> dict:
     model = build_ddp_muconpro()
-    model.load_state_dict(torch.load(out / "muconpro_init.pt", weights_only=True))
     views = [v[rank * B:(rank + 1) * B] for v in views_of(WORLD * B, n_large=3, n_small=1, seed=4)]
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
-    loss = ddp(views)
-    loss.backward()
-    return {"loss": loss.detach(), "grads": grads(model),
+    loss = ddp_loss_backward(model, out / "muconpro_init.pt", views)
+    return {"loss": loss, "grads": grads(model),
             "queue": {k: v.clone() for k, v in model.queue.state_dict().items()}}
 
 
@@ -364,42 +362,27 @@ def test_ddp_method_equals_one_process(ddp):
 
 
 # ---- exact resume (teacher, memory bank, optimizer) ---------------------------------------------------------
-class StopAfterFirstEpoch(L.Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
 def _resume_model() -> MuConPro:
     L.seed_everything(0)
     return MuConPro(**(TINY | {"num_classes": 10}), num_views=3, memory_bank_size=48, momentum_base=0.9,
                     optimizer="lars", lr=0.5, warmup_epochs=1)
 
 
-def _fit(model, ckpt_path=None, interrupt=False) -> L.Trainer:
-    data = SSLDataModule("synthetic", batch_size=8, num_workers=0, pin_memory=False, image_size=16,
+def _resume_data() -> SSLDataModule:
+    return SSLDataModule("synthetic", batch_size=8, num_workers=0, pin_memory=False, image_size=16,
                          views=[ViewConfig(count=3, scale=(0.3, 1.0))],
                          dataset_options={"size": 32, "image_size": 16, "channels": 1})
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        deterministic=True, callbacks=[StopAfterFirstEpoch()] if interrupt else [])
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return trainer
+
+
+def _perturb(model: MuConPro) -> None:  # restored state must not depend on the fresh model's
+    model.queue.bank.normal_()
+    nn.init.normal_(model.teacher_projector[0].weight)
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    straight = _resume_model()
-    t_straight = _fit(straight)
-    assert {"train/gen", "train/disc"} <= set(t_straight.callback_metrics)
-    first = _resume_model()
-    t_first = _fit(first, interrupt=True)
-    t_first.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed = _resume_model()
-    resumed.queue.bank.normal_()
-    nn.init.normal_(resumed.teacher_projector[0].weight)  # restored state must not depend on the fresh model's
-    t_resumed = _fit(resumed, ckpt_path=str(tmp_path / "epoch1.ckpt"))
-    assert t_resumed.global_step == t_straight.global_step == 8
-    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
-    assert sd_a.keys() == sd_b.keys() and "queue.bank" in sd_a and "teacher_backbone.features.0.weight" in sd_a
-    for key in sd_a:
-        torch.testing.assert_close(sd_a[key], sd_b[key], rtol=0, atol=0, msg=key)
+    runs = check_resume_is_exact(_resume_model, _resume_data, tmp_path, perturb=_perturb)
+    assert {"train/gen", "train/disc"} <= set(runs.t_straight.callback_metrics)
+    assert runs.t_resumed.global_step == runs.t_straight.global_step == 8
+    sd_a = runs.straight.state_dict()
+    assert "queue.bank" in sd_a and "teacher_backbone.features.0.weight" in sd_a
     assert int(sd_a["queue.filled"]) == 48

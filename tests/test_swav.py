@@ -16,7 +16,8 @@ from ssl_lightning.losses.swav import sinkhorn, swav_loss
 from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from resume_utils import check_resume_is_exact
 
 
 # ---- plain transcriptions of the paper / official code (numpy, float64) -------------------------------
@@ -207,12 +208,9 @@ def scenario_sinkhorn(rank: int, world: int, out: Path) -> dict:
 
 def scenario_swav(rank: int, world: int, out: Path) -> dict:
     model = build_ddp_swav()
-    model.load_state_dict(torch.load(out / "swav_init.pt", weights_only=True))
     views = [v[rank * B:(rank + 1) * B] for v in multicrop_views(WORLD * B)]
-    ddp = nn.parallel.DistributedDataParallel(LossStep(model))
-    loss = ddp(views)
-    loss.backward()
-    return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    loss = ddp_loss_backward(model, out / "swav_init.pt", views)
+    return {"loss": loss, "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
             "queue": {k: v.clone() for k, v in model.queue.state_dict().items()}}
 
 
@@ -253,11 +251,6 @@ def test_ddp_swav_loss_and_grads_equal_single_process(ddp):
 
 
 # ---- exact resume, with the queue in use and the prototypes frozen then trained ------------------------
-class StopAfterFirstEpoch(L.Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
 def _resume_model() -> SwAV:
     L.seed_everything(0)
     return SwAV(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=10, proj_hidden=32,
@@ -265,32 +258,17 @@ def _resume_model() -> SwAV:
                 optimizer="lars", lr=0.5, warmup_epochs=1)
 
 
-def _fit(model, ckpt_path=None, interrupt=False) -> L.Trainer:
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        deterministic=True, callbacks=[StopAfterFirstEpoch()] if interrupt else [])
-    trainer.fit(model, _data(), ckpt_path=ckpt_path)
-    return trainer
+def _perturb(model: SwAV) -> None:  # restored state must not depend on the fresh model's
+    for q in model.queue:
+        q.bank.normal_()
+    nn.init.normal_(model.prototypes.weight)
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    straight = _resume_model()
-    t_straight = _fit(straight)
-    assert float(t_straight.callback_metrics["train/queue_in_use"]) == 1.0
-
-    first = _resume_model()
-    t_first = _fit(first, interrupt=True)
-    assert t_first.global_step == 4
-    t_first.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed = _resume_model()
-    for q in resumed.queue:  # restored state must not depend on the fresh model's
-        q.bank.normal_()
-    nn.init.normal_(resumed.prototypes.weight)
-    t_resumed = _fit(resumed, ckpt_path=str(tmp_path / "epoch1.ckpt"))
-
-    assert t_resumed.global_step == t_straight.global_step == 8
-    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
-    assert sd_a.keys() == sd_b.keys() and "queue.0.bank" in sd_a and "queue.1.ptr" in sd_a
-    for key in sd_a:
-        torch.testing.assert_close(sd_a[key], sd_b[key], rtol=0, atol=0, msg=key)
+    runs = check_resume_is_exact(_resume_model, _data, tmp_path, perturb=_perturb)
+    assert float(runs.t_straight.callback_metrics["train/queue_in_use"]) == 1.0
+    assert runs.t_first.global_step == 4
+    assert runs.t_resumed.global_step == runs.t_straight.global_step == 8
+    sd_a = runs.straight.state_dict()
+    assert "queue.0.bank" in sd_a and "queue.1.ptr" in sd_a
     assert int(sd_a["queue.0.filled"]) == 16

@@ -15,7 +15,7 @@ from ssl_lightning.losses.wmse import cholesky_whiten, wmse_loss
 from ssl_lightning.methods.wmse import WMSE
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import WORLD, results_getter, run_ddp  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
 
 
 def correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -117,19 +117,6 @@ def build_wmse() -> WMSE:
 def global_views(seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(WORLD * B, 1, IMAGE, IMAGE, generator=g, dtype=torch.float64) for _ in range(2)]
-
-
-class LossStep(nn.Module):
-    def __init__(self, method: WMSE) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views):
-        return self.method.loss(self.method.forward_views(views), views, None)
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def scenario_wmse(rank: int, world: int, out: Path) -> dict:
