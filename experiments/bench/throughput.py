@@ -1,0 +1,172 @@
+"""Throughput: the full training step through the framework against the bare backbone.
+
+For each method (SimCLR, BYOL, SwAV multi-crop) with the same backbone, batch and views:
+  (a) the limit: the bare backbone's forward + backward on fixed tensors of the method's view shapes
+      (views of one shape in one pass, as the methods run them), no data, no heads, no optimizer;
+  (b) the full training step through ssl_lightning: Trainer, loader, augmentation (per-image workers or
+      batched on the device, ``--augment``), heads, loss, teacher, optimizer, online probe and logging;
+measured in training images per second after a warm-up. The headline is b / a.
+
+    python experiments/bench/throughput.py                          # CPU, small ConvNet, Fashion-MNIST, batch 256
+    python experiments/bench/throughput.py --dataset cifar10 --root <dir> --backbone resnet18 \
+        --backbone_kwargs '{"cifar_stem": true}' --batch_size 512 --precision bf16-mixed --tag _gpu
+Writes experiments/results/bench/throughput<tag>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE.parent / "results" / "bench"
+METHODS = {  # method -> (class path, views preset, extra model args)
+    "simclr": ("ssl_lightning.methods.SimCLR", "simclr", ["--model.init_args.proj_hidden", "512"]),
+    "byol": ("ssl_lightning.methods.BYOL", "byol", ["--model.init_args.proj_hidden", "512", "--model.init_args.pred_hidden", "512"]),
+    "swav_multicrop": ("ssl_lightning.methods.SwAV", "multicrop", ["--model.init_args.proj_hidden", "512",
+                                                                   "--model.init_args.num_prototypes", "100"]),
+}
+
+
+class StepTimer(L.Callback):
+    """Images per second from the start of batch ``warmup`` to the end of the last batch."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.t1, self.images = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.images += batch[0][0].shape[0]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t1 = time.perf_counter()
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / (self.t1 - self.t0)
+
+
+def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, list[tuple[int, ...]], float]:
+    """Full steps through the CLI-built Trainer; returns images/s, the view shapes and peak GPU memory (GiB)."""
+    from ssl_lightning.cli import SSLCLI
+
+    class_path, views, extra = METHODS[method]
+    timer = StepTimer(a.warmup)
+    with tempfile.TemporaryDirectory() as run_dir:
+        args = ["--model", class_path, "--model.init_args.backbone", a.backbone,
+                "--model.init_args.backbone_kwargs", a.backbone_kwargs, "--model.init_args.warmup_epochs", "0",
+                *extra, "--data.dataset", a.dataset, "--data.batch_size", str(a.batch_size), "--data.views", views,
+                "--data.num_workers", str(a.workers), "--data.train_subset", str(a.batch_size * (a.warmup + a.steps)),
+                "--run_dir", run_dir, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+                "--trainer.num_sanity_val_steps", "0", "--trainer.precision", a.precision, "--seed_everything", "0"]
+        if a.root:
+            args += ["--data.root", a.root]
+        if augment != "default":
+            args += ["--data.augment", augment]
+        cli = SSLCLI(run=False, args=args + a.extra)
+        cli.trainer.callbacks.append(timer)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        shapes = _view_shapes(cli.datamodule)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return timer.images_per_s, shapes, peak
+
+
+def _view_shapes(dm) -> list[tuple[int, ...]]:
+    return [(dm.in_channels, v.size, v.size) for v in dm.view_configs for _ in range(v.count)]
+
+
+def bare(a: argparse.Namespace, shapes: list[tuple[int, ...]], in_channels: int) -> float:
+    """The bare backbone's forward + backward on fixed tensors (views of one shape in one pass)."""
+    from ssl_lightning.backbones import build_backbone
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = build_backbone(a.backbone, in_channels=in_channels, **json.loads(a.backbone_kwargs)).to(device)
+    net = net.to(memory_format=torch.channels_last) if device == "cuda" else net
+    groups: dict[tuple[int, ...], int] = {}
+    for s in shapes:
+        groups[s] = groups.get(s, 0) + 1
+    inputs = [torch.randn(n * a.batch_size, *s, device=device) for s, n in groups.items()]
+    dtype = torch.bfloat16 if "bf16" in a.precision else torch.float16 if "16" in a.precision else None
+
+    def step() -> None:
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = sum(net(x).float().mean() for x in inputs)
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return a.steps * a.batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--root", default=None)
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--backbone_kwargs", default="{}")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--augment", nargs="+", default=["workers", "device"], help="pipelines to measure")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--extra", nargs="*", default=[], help="extra CLI flags for the framework runs")
+    p.add_argument("--tag", default="")
+    a = p.parse_args()
+    a.extra = [f for arg in a.extra for f in arg.split()]
+    sys.argv = sys.argv[:1]
+    OUT.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
+    rows = []
+    for method in a.methods:
+        for augment in a.augment:
+            ips, shapes, peak = framework(method, a, augment)
+            limit = bare(a, shapes, shapes[0][0])
+            rows.append({"method": method, "augment": augment, "views": [list(s) for s in shapes],
+                         "framework_images_per_s": ips, "bare_images_per_s": limit, "ratio": ips / limit,
+                         "peak_gpu_gib": peak})
+            print(f"{method} [{augment}]: framework {ips:.0f} img/s, bare backbone {limit:.0f} img/s, ratio {ips / limit:.2f}",
+                  flush=True)
+    record = {"device": device, "settings": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__}
+    (OUT / f"throughput{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["| method | augmentation | views | framework img/s (b) | bare backbone img/s (a) | b / a | peak GPU GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        views = " + ".join(f"{sum(1 for v in r['views'] if tuple(v) == s)}x{s[-1]}" for s in {tuple(v): 0 for v in r["views"]})
+        lines.append(f"| {r['method']} | {r['augment']} | {views} | {r['framework_images_per_s']:.0f} | "
+                     f"{r['bare_images_per_s']:.0f} | {r['ratio']:.2f} | {r['peak_gpu_gib']:.2f} |")
+    table = "\n".join(lines)
+    header = (f"{device}; {a.dataset}, backbone {a.backbone}, batch {a.batch_size}, {a.precision}, {a.workers} workers, "
+              f"{a.steps} timed steps after {a.warmup} ({time.strftime('%Y-%m-%d')})")
+    (OUT / f"throughput{a.tag}.md").write_text(header + "\n\n" + table + "\n")
+    print(header)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
