@@ -260,6 +260,8 @@ def test_multicrop_preset_shapes_and_randomness():
     other = bmv(images, gen(14))
     assert not any(torch.equal(a, c) for a, c in zip(out, other))
     assert not torch.equal(out[0][0], out[0][1])  # samples get their own parameters
+    no_locals = BatchMultiView(view_preset("multicrop", 32, num_local=0), MEAN, STD)(images, gen(13))
+    assert [v.shape[-1] for v in no_locals] == [32, 32]  # a config with count 0 gives no views
 
 
 # ---- the data module's switch --------------------------------------------------------------------------

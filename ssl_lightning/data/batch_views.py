@@ -317,6 +317,8 @@ class BatchMultiView:
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         views: list[Tensor] = []
         for cfg, params in zip(self.views, self.sample(b, height, width, generator)):
+            if cfg.count == 0:  # e.g. multicrop with num_local_crops 0
+                continue
             out = (augment(x, cfg, params) - mean) / std
             views += list(out.split(b))
         return views
