@@ -164,6 +164,7 @@ def test_embedding_callback_writes_plots_and_logs_to_wandb(tmp_path, monkeypatch
     assert callback.paths == [str(run / "epoch001.png"), str(run / "epoch002.png")]
     for path in callback.paths:
         _is_png(path)
+    logger.experiment.finish()  # W&B writes media in the background: flush before looking
     logged = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "val" / "embedding_*.png"))
     assert len(logged) == 2
 

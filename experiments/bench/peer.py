@@ -180,7 +180,8 @@ def main() -> None:
                      f"{o['knn_top1']:.4f} | {q['knn_top1']:.4f} |")
     table = "\n".join(lines)
     (OUT / f"peer{a.tag}.md").write_text(f"Fashion-MNIST subset {a.train_subset}, {a.epochs} epochs, small ConvNet, "
-                                         f"{a.workers} loader workers, CPU ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+                                         f"{a.workers} loader workers, CPU ({time.strftime('%Y-%m-%d')}); ssl_lightning flags: "
+                                         f"{' '.join(a.ours_args) or 'none (data.augment workers)'}\n\n{table}\n")
     print(table)
 
 
