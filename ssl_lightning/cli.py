@@ -90,6 +90,7 @@ class SSLCLI(LightningCLI):
 
     def after_fit(self) -> None:
         self._print_summary()
+        _finish_wandb(self.trainer)
 
     def _print_summary(self) -> None:
         trainer = self.trainer
@@ -106,6 +107,16 @@ class SSLCLI(LightningCLI):
         if metrics:
             lines.append("final metrics : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         Console(soft_wrap=True).print("\n".join(lines), highlight=False)
+
+
+def _finish_wandb(trainer) -> None:
+    """Close the run's W&B runs: a W&B run left open in this process would receive the logs of the next
+    run started in it (a notebook, a test session)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def _inside(run_dir: str, path: str) -> str:

@@ -146,7 +146,10 @@ def test_embedding_callback_writes_plots_and_logs_to_wandb(tmp_path, monkeypatch
     """3 epochs, every_n_epochs=2: plots after epoch 1 (due) and 2 (the last), not after epoch 0 or the
     sanity check; an offline W&B run receives both images."""
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
+
+    wandb.finish()  # a W&B run left open in this process would receive this test's images
 
     L.seed_everything(0)
     dm = SSLDataModule("synthetic", batch_size=16, num_workers=0, pin_memory=False, image_size=16,
