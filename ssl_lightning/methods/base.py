@@ -8,6 +8,7 @@ and the momentum (EMA) update of any teacher the method declares in :meth:`momen
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -203,3 +204,19 @@ class SSLMethod(L.LightningModule):
         """Momentum for the update after optimizer step ``global_step - 1`` (BYOL's cosine schedule)."""
         return cosine_momentum(self.trainer.global_step - 1, int(self.trainer.estimated_stepping_batches),
                                self.hparams.momentum_base, self.hparams.momentum_final)
+
+    # ---- weight-decay schedule (DINO, TWIST-ViT: methods with a ``weight_decay_end`` hyperparameter) ---------
+    def weight_decay_at(self, step: int) -> float:
+        """Cosine from ``weight_decay`` to ``weight_decay_end`` over all optimizer steps (DINO's cosine_scheduler)."""
+        hp, total = self.hparams, max(1, int(self.trainer.estimated_stepping_batches))
+        progress = min(step / total, 1.0)
+        return hp.weight_decay_end + 0.5 * (hp.weight_decay - hp.weight_decay_end) * (1 + math.cos(math.pi * progress))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.hparams.get("weight_decay_end") is None:
+            return
+        wd = self.weight_decay_at(self.trainer.global_step)
+        for group in self.trainer.optimizers[0].param_groups:
+            if group["weight_decay"] > 0:  # the decayed group; biases, norms and the probe have 0
+                group["weight_decay"] = wd
+        self.log("train/weight_decay", wd)

@@ -1,8 +1,6 @@
 """DINO (Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,19 +93,7 @@ class DINO(SSLMethod):
         loss = self.dino_loss(student, teacher, temp)
         return {"loss": loss, "teacher_temp": torch.tensor(temp)}
 
-    # ---- schedules and freezing --------------------------------------------------------------------
-    def weight_decay_at(self, step: int) -> float:
-        """Cosine from weight_decay to weight_decay_end over all optimizer steps (official cosine_scheduler)."""
-        hp, total = self.hparams, max(1, int(self.trainer.estimated_stepping_batches))
-        return hp.weight_decay_end + 0.5 * (hp.weight_decay - hp.weight_decay_end) * (1 + math.cos(math.pi * min(step / total, 1.0)))
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        wd = self.weight_decay_at(self.trainer.global_step)
-        for group in self.trainer.optimizers[0].param_groups:
-            if group["weight_decay"] > 0:  # the decayed group; biases, norms and the probe have 0
-                group["weight_decay"] = wd
-        self.log("train/weight_decay", wd)
-
+    # ---- freezing (the weight-decay cosine, weight_decay -> weight_decay_end, is the base class's) ------
     def on_after_backward(self) -> None:
         if self.current_epoch < self.hparams.freeze_last_layer:
             for p in self.head.last_layer_params():

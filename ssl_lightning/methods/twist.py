@@ -1,8 +1,6 @@
 """TWIST (Wang et al., "Self-Supervised Learning by Estimating Twin Class Distributions", 2021)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -174,16 +172,3 @@ class TWIST(SSLMethod):
             g["lr"] = g["initial_lr"]
         config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return config
-
-    # ---- weight-decay schedule (ViT recipe) ---------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        hp = self.hparams
-        if hp.weight_decay_end is None:
-            return
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        progress = min(self.trainer.global_step / total, 1.0)
-        wd = hp.weight_decay_end + 0.5 * (hp.weight_decay - hp.weight_decay_end) * (1 + math.cos(math.pi * progress))
-        for group in self.trainer.optimizers[0].param_groups:
-            if group["weight_decay"] > 0:  # the decayed group; biases, norms and the probe have 0
-                group["weight_decay"] = wd
-        self.log("train/weight_decay", wd)
