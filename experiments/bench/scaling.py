@@ -31,7 +31,7 @@ def one(a: argparse.Namespace) -> None:
     a.warmup, a.steps = 2, a.steps
     extra = ["--data.num_local_crops", str(a.num_local)] if a.method == "swav_multicrop" else []
     a.extra = extra + a.extra
-    ips, shapes, peak_gpu = framework(a.method, a, a.augment)
+    ips, shapes, peak_gpu, _ = framework(a.method, a, a.augment)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print("RESULT " + json.dumps({"images_per_s": ips, "step_ms": 1000 * a.batch_size / ips, "views": len(shapes),
                                   "peak_rss_gib": peak_rss, "peak_gpu_gib": peak_gpu}))

@@ -3,9 +3,13 @@
 For each method (SimCLR, BYOL, SwAV multi-crop) with the same backbone, batch and views:
   (a) the limit: the bare backbone's forward + backward on fixed tensors of the method's view shapes
       (views of one shape in one pass, as the methods run them), no data, no heads, no optimizer;
+  (m) the method's own compute on the same fixed tensors outside Lightning: backbone, heads, teacher,
+      loss, backward and an SGD step (no data, augmentation, probe or logging);
   (b) the full training step through ssl_lightning: Trainer, loader, augmentation (per-image workers or
       batched on the device, ``--augment``), heads, loss, teacher, optimizer, online probe and logging;
-measured in training images per second after a warm-up. The headline is b / a.
+measured in training images per second after a warm-up (a and m: the median of 3 timings). The
+headline is b / a; b / m isolates the framework's and the input pipeline's cost from the method's own
+extra compute (BYOL's teacher forward, heads, loss).
 
     python experiments/bench/throughput.py                          # CPU, small ConvNet, Fashion-MNIST, batch 256
     python experiments/bench/throughput.py --dataset cifar10 --root <dir> --backbone resnet18 \
@@ -15,7 +19,9 @@ Writes experiments/results/bench/throughput<tag>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -58,8 +64,9 @@ class StepTimer(L.Callback):
         return self.images / (self.t1 - self.t0)
 
 
-def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, list[tuple[int, ...]], float]:
-    """Full steps through the CLI-built Trainer; returns images/s, the view shapes and peak GPU memory (GiB)."""
+def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, list[tuple[int, ...]], float, L.LightningModule]:
+    """Full steps through the CLI-built Trainer; returns images/s, the view shapes, peak GPU memory (GiB)
+    and the trained module (its loader workers shut down)."""
     from ssl_lightning.cli import SSLCLI
 
     class_path, views, extra = METHODS[method]
@@ -83,42 +90,82 @@ def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, 
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         shapes = _view_shapes(cli.datamodule)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return timer.images_per_s, shapes, peak
+        model = cli.model
+        del cli  # shut the persistent loader workers down before anything else is timed
+        gc.collect()
+    return timer.images_per_s, shapes, peak, model
 
 
 def _view_shapes(dm) -> list[tuple[int, ...]]:
     return [(dm.in_channels, v.size, v.size) for v in dm.view_configs for _ in range(v.count)]
 
 
-def bare(a: argparse.Namespace, shapes: list[tuple[int, ...]], in_channels: int) -> float:
-    """The bare backbone's forward + backward on fixed tensors (views of one shape in one pass)."""
+def _fixed_inputs(a: argparse.Namespace, shapes: list[tuple[int, ...]], device: str) -> list[torch.Tensor]:
+    return [torch.randn(a.batch_size, *s, device=device) for s in shapes]
+
+
+def _timed(step, a: argparse.Namespace, device: str) -> float:
+    """Images per second of ``step``: the median of ``a.repeats`` timings of ``a.steps`` steps after a warm-up."""
+    for _ in range(a.warmup):
+        step()
+    rates = []
+    for _ in range(a.repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(a.steps * a.batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _autocast(a: argparse.Namespace, device: str):
+    dtype = torch.bfloat16 if "bf16" in a.precision else torch.float16 if "16" in a.precision else None
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+def bare(a: argparse.Namespace, shapes: list[tuple[int, ...]]) -> float:
+    """(a) The bare backbone's forward + backward on fixed tensors (views of one shape in one pass)."""
     from ssl_lightning.backbones import build_backbone
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = build_backbone(a.backbone, in_channels=in_channels, **json.loads(a.backbone_kwargs)).to(device)
+    torch.manual_seed(0)
+    net = build_backbone(a.backbone, in_channels=shapes[0][0], **json.loads(a.backbone_kwargs)).to(device)
     net = net.to(memory_format=torch.channels_last) if device == "cuda" else net
     groups: dict[tuple[int, ...], int] = {}
     for s in shapes:
         groups[s] = groups.get(s, 0) + 1
     inputs = [torch.randn(n * a.batch_size, *s, device=device) for s, n in groups.items()]
-    dtype = torch.bfloat16 if "bf16" in a.precision else torch.float16 if "16" in a.precision else None
 
     def step() -> None:
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        with _autocast(a, device):
             loss = sum(net(x).float().mean() for x in inputs)
         loss.backward()
         net.zero_grad(set_to_none=True)
 
-    for _ in range(a.warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return a.steps * a.batch_size / (time.perf_counter() - t0)
+    return _timed(step, a, device)
+
+
+def model_limit(a: argparse.Namespace, model: L.LightningModule, shapes: list[tuple[int, ...]]) -> float:
+    """The method's own compute on fixed tensors, outside Lightning and without data: backbone over
+    the views, heads, teacher, loss, backward and an SGD step (no loader, augmentation, probe or logging)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).train()
+    views = _fixed_inputs(a, shapes, device)
+    index = torch.arange(a.batch_size, device=device)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("probe")]
+    opt = torch.optim.SGD(params, lr=1e-6)
+
+    def step() -> None:
+        with _autocast(a, device):
+            out = model.loss(model.forward_views(views), views, index)
+        (out["loss"] if isinstance(out, dict) else out).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _timed(step, a, device)
 
 
 def main() -> None:
@@ -133,7 +180,8 @@ def main() -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--augment", nargs="+", default=["workers", "device"], help="pipelines to measure")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="timings of the fixed-tensor limits (median)")
     p.add_argument("--extra", nargs="*", default=[], help="extra CLI flags for the framework runs")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -143,23 +191,27 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
     rows = []
     for method in a.methods:
+        limit = None
         for augment in a.augment:
-            ips, shapes, peak = framework(method, a, augment)
-            limit = bare(a, shapes, shapes[0][0])
+            ips, shapes, peak, model = framework(method, a, augment)
+            if limit is None:  # the same shapes for every pipeline
+                limit, method_limit = bare(a, shapes), model_limit(a, model, shapes)
             rows.append({"method": method, "augment": augment, "views": [list(s) for s in shapes],
                          "framework_images_per_s": ips, "bare_images_per_s": limit, "ratio": ips / limit,
+                         "model_images_per_s": method_limit, "ratio_to_model": ips / method_limit,
                          "peak_gpu_gib": peak})
-            print(f"{method} [{augment}]: framework {ips:.0f} img/s, bare backbone {limit:.0f} img/s, ratio {ips / limit:.2f}",
-                  flush=True)
+            print(f"{method} [{augment}]: framework {ips:.0f} img/s, bare backbone {limit:.0f} img/s (ratio {ips / limit:.2f}), "
+                  f"method on fixed tensors {method_limit:.0f} img/s (ratio {ips / method_limit:.2f})", flush=True)
     record = {"device": device, "settings": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__}
     (OUT / f"throughput{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| method | augmentation | views | framework img/s (b) | bare backbone img/s (a) | b / a | peak GPU GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | augmentation | views | framework img/s (b) | bare backbone img/s (a) | b / a | "
+             "method on fixed tensors img/s (m) | b / m | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         views = " + ".join(f"{sum(1 for v in r['views'] if tuple(v) == s)}x{s[-1]}" for s in {tuple(v): 0 for v in r["views"]})
         lines.append(f"| {r['method']} | {r['augment']} | {views} | {r['framework_images_per_s']:.0f} | "
-                     f"{r['bare_images_per_s']:.0f} | {r['ratio']:.2f} | {r['peak_gpu_gib']:.2f} |")
+                     f"{r['bare_images_per_s']:.0f} | {r['ratio']:.2f} | {r['model_images_per_s']:.0f} | "
+                     f"{r['ratio_to_model']:.2f} | {r['peak_gpu_gib']:.2f} |")
     table = "\n".join(lines)
     header = (f"{device}; {a.dataset}, backbone {a.backbone}, batch {a.batch_size}, {a.precision}, {a.workers} workers, "
               f"{a.steps} timed steps after {a.warmup} ({time.strftime('%Y-%m-%d')})")
