@@ -106,3 +106,59 @@ def ddp_loss_backward(model: torch.nn.Module, init: Path, views: list[torch.Tens
     loss = ddp(views, index)
     loss.backward()
     return loss.detach()
+
+
+def spawn_results(tmp_path_factory, name: str, scenarios: dict[str, Scenario],
+                  inits: dict[str, Callable[[], torch.nn.Module]]):
+    """A module fixture's body: save each builder's initial weights as ``<out>/<file>`` (the state every
+    rank and the single-process reference start from), run the scenarios on 2 processes, return
+    :func:`results_getter`'s ``get``."""
+    out = tmp_path_factory.mktemp(name)
+    for file, build in inits.items():
+        torch.save(build().state_dict(), out / file)
+    return results_getter(run_ddp(scenarios, out), out)
+
+
+def norm_free_two_view(cls, **kwargs) -> torch.nn.Module:
+    """``cls`` on a norm-free ConvNet with a norm-free 2-layer projector (SyncBatchNorm cannot run on CPU),
+    its outputs scaled to std ~1 (the norm-free net's are ~1e-3, far below BN's eps): for methods whose
+    loss uses batch statistics of the projections (Barlow Twins, VICReg)."""
+    from ssl_lightning.heads import mlp
+
+    torch.manual_seed(0)
+    model = cls(backbone="convnet", backbone_kwargs={"norm": "none", "width": 8}, in_channels=1, num_classes=0,
+                proj_hidden=32, proj_out=16, **kwargs)
+    model.projector = mlp([model.backbone.num_features, 32, 16], norm="none")
+    with torch.no_grad():
+        model.projector[-1].weight.mul_(800)
+    return model
+
+
+def two_view_batch(per_process: int, image: int = 16, seed: int = 1, world: int = WORLD) -> list[torch.Tensor]:
+    """Two random views of the global batch (``world * per_process`` images); rank r takes rows
+    ``[r * per_process, (r + 1) * per_process)``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(world * per_process, 1, image, image, generator=g) for _ in range(2)]
+
+
+def single_process_reference(model: torch.nn.Module, init: Path, views: list[torch.Tensor]
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """Loss, gradients and gradient scale (largest magnitude) of one process on the global batch."""
+    model.load_state_dict(torch.load(init, weights_only=True))
+    loss = LossStep(model)(views)
+    loss.backward()
+    ref = grads(model)
+    assert len(ref) == len(list(model.parameters()))
+    scale = float(max(g.abs().max() for g in ref.values()))
+    assert scale > 1e-3
+    return loss.detach(), ref, scale
+
+
+def assert_grads_match(results: list[dict], ref: dict[str, torch.Tensor], scale: float) -> None:
+    """Every rank's gradients (after DDP's averaging) equal the single-process ones, to a tolerance
+    relative to their scale (a 1 / world_size error would be off by 50%)."""
+    for r, res in enumerate(results):
+        assert res["grads"].keys() == ref.keys()
+        for name, g in ref.items():
+            torch.testing.assert_close(res["grads"][name], g, atol=1e-5 * scale, rtol=1e-4,
+                                       msg=lambda m, n=name: f"rank {r} {n}: {m}")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning.heads import mlp
 from ssl_lightning.losses.barlow_twins import barlow_twins_loss
 from ssl_lightning.methods.barlow_twins import BarlowTwins
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import ddp_loss_backward, grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import (WORLD, assert_grads_match, ddp_loss_backward, grads, norm_free_two_view,  # tests/ is on sys.path
+                       single_process_reference, spawn_results, two_view_batch)
 
 LAMBD = 0.0051
 
@@ -113,50 +113,27 @@ B, IMAGE = 4, 16  # images per process
 
 
 def build_model() -> BarlowTwins:
-    torch.manual_seed(0)
-    model = BarlowTwins(backbone="convnet", backbone_kwargs={"norm": "none", "width": 8}, in_channels=1,
-                        num_classes=0, proj_hidden=32, proj_out=16)
-    model.projector = mlp([model.backbone.num_features, 32, 16], norm="none")  # no BatchNorm on CPU DDP
-    with torch.no_grad():  # the norm-free net's outputs are ~1e-3 (variance << BN's eps): scale them to std ~1
-        model.projector[-1].weight.mul_(800)
-    return model
-
-
-def global_batch() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(WORLD * B, 1, IMAGE, IMAGE, generator=g) for _ in range(2)]
+    return norm_free_two_view(BarlowTwins)
 
 
 def scenario_barlow_twins(rank: int, world: int, out: Path) -> dict:
     model = build_model()
-    loss = ddp_loss_backward(model, out / "init.pt", [v[rank * B:(rank + 1) * B] for v in global_batch()])
+    loss = ddp_loss_backward(model, out / "init.pt", [v[rank * B:(rank + 1) * B] for v in two_view_batch(B, IMAGE)])
     return {"loss": loss, "grads": grads(model)}
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_barlow")
-    torch.save(build_model().state_dict(), out / "init.pt")
-    return results_getter(run_ddp({"barlow_twins": scenario_barlow_twins}, out), out)
+    return spawn_results(tmp_path_factory, "ddp_barlow", {"barlow_twins": scenario_barlow_twins}, {"init.pt": build_model})
 
 
 def test_barlow_twins_ddp_matches_single_process(ddp):
     results = ddp("barlow_twins")
-    model = build_model()
-    model.load_state_dict(torch.load(ddp.out / "init.pt", weights_only=True))
-    views = global_batch()
-    ref_loss = LossStep(model)(views)
-    ref_loss.backward()
-    ref = grads(model)
-    assert len(ref) == len(list(model.parameters()))
-    # tolerance relative to the gradients' scale: a 1/world_size scaling would be off by 50%
-    scale = float(max(g.abs().max() for g in ref.values()))
-    assert scale > 1e-3
-    for r, res in enumerate(results):
-        torch.testing.assert_close(res["loss"], ref_loss.detach(), atol=1e-5, rtol=1e-6)  # every rank: the global loss
-        assert res["grads"].keys() == ref.keys()
-        for name, g in ref.items():  # in particular NOT ref / world_size
-            torch.testing.assert_close(res["grads"][name], g, atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=name: f"rank {r} {n}: {m}")
+    model, views = build_model(), two_view_batch(B, IMAGE)
+    ref_loss, ref, scale = single_process_reference(model, ddp.out / "init.pt", views)
+    for res in results:
+        torch.testing.assert_close(res["loss"], ref_loss, atol=1e-5, rtol=1e-6)  # every rank: the global loss
+    assert_grads_match(results, ref, scale)  # in particular NOT ref / world_size
     # guard: per-process statistics (no gather) would give a different loss
     with torch.no_grad():
         z = [model.projector(f) for f in model.forward_views(views)]

@@ -18,7 +18,7 @@ from ssl_lightning.losses import nt_xent
 from ssl_lightning.methods import BYOL, SimCLR
 from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
 
-from ddp_utils import ddp_loss_backward, free_port, grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, free_port, grads, spawn_results, WORLD  # tests/ is on sys.path
 
 B = 4  # images per process; the single-process reference gets the global batch of WORLD * B
 IMAGE = 16
@@ -29,10 +29,7 @@ GRAD_ATOL, GRAD_RTOL = 1e-7, 1e-5
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    torch.save(build_simclr().state_dict(), out / "simclr_init.pt")
-    torch.save(build_byol().state_dict(), out / "byol_init.pt")
-    return results_getter(run_ddp(SCENARIOS, out), out)
+    return spawn_results(tmp_path_factory, "ddp", SCENARIOS, {"simclr_init.pt": build_simclr, "byol_init.pt": build_byol})
 
 
 def _assert_close_dicts(got: dict, want: dict, atol: float, what: str, rtol: float = 0.0) -> None:

@@ -16,7 +16,7 @@ from ssl_lightning.data.views import ViewConfig
 from ssl_lightning.losses.dino import DINOLoss, dino_cross_entropy, teacher_temperature
 from ssl_lightning.methods.dino import DINO
 
-from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, spawn_results, WORLD  # tests/ is on sys.path
 from resume_utils import check_resume_is_exact
 
 K = 32  # out_dim in the small tests
@@ -135,9 +135,7 @@ SCENARIOS = {"dino": scenario_dino}
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_dino")
-    torch.save(build_dino().state_dict(), out / "dino_init.pt")
-    return results_getter(run_ddp(SCENARIOS, out), out)
+    return spawn_results(tmp_path_factory, "ddp_dino", SCENARIOS, {"dino_init.pt": build_dino})
 
 
 def test_ddp_matches_single_process_on_global_batch(ddp):

@@ -20,7 +20,7 @@ from ssl_lightning.methods.mocov3 import MoCoV3
 from ssl_lightning.modules import ema_update, momentum_copy
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import ddp_loss_backward, grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, grads, spawn_results, WORLD  # tests/ is on sys.path
 from resume_utils import check_resume_is_exact
 
 TINY = dict(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0)
@@ -240,10 +240,7 @@ SCENARIOS = {"moco": scenario_moco, "mocov3": scenario_mocov3}
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_moco")
-    torch.save(build_moco().state_dict(), out / "moco_init.pt")
-    torch.save(build_mocov3().state_dict(), out / "mocov3_init.pt")
-    return results_getter(run_ddp(SCENARIOS, out), out)
+    return spawn_results(tmp_path_factory, "ddp_moco", SCENARIOS, {"moco_init.pt": build_moco, "mocov3_init.pt": build_mocov3})
 
 
 def _reference(model: nn.Module) -> dict:

@@ -22,7 +22,7 @@ from ssl_lightning.methods.muconpro import DiscPro, GenPro, MuConPro
 from ssl_lightning.modules import momentum_copy
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import ddp_loss_backward, grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, grads, spawn_results, WORLD  # tests/ is on sys.path
 from resume_utils import check_resume_is_exact
 
 INF = float("inf")
@@ -315,9 +315,8 @@ def scenario_method(rank: int, world: int, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_muconpro")
-    torch.save(build_ddp_muconpro().state_dict(), out / "muconpro_init.pt")
-    return results_getter(run_ddp({"loss": scenario_loss, "method": scenario_method}, out), out)
+    return spawn_results(tmp_path_factory, "ddp_muconpro", {"loss": scenario_loss, "method": scenario_method},
+                         {"muconpro_init.pt": build_ddp_muconpro})
 
 
 def test_ddp_loss_and_gradient_equal_one_process_on_global_batch(ddp):

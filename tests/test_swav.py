@@ -16,7 +16,7 @@ from ssl_lightning.losses.swav import sinkhorn, swav_loss
 from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import ddp_loss_backward, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import ddp_loss_backward, spawn_results, WORLD  # tests/ is on sys.path
 from resume_utils import check_resume_is_exact
 
 
@@ -219,9 +219,7 @@ SCENARIOS = {"sinkhorn": scenario_sinkhorn, "swav": scenario_swav}
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_swav")
-    torch.save(build_ddp_swav().state_dict(), out / "swav_init.pt")
-    return results_getter(run_ddp(SCENARIOS, out), out)
+    return spawn_results(tmp_path_factory, "ddp_swav", SCENARIOS, {"swav_init.pt": build_ddp_swav})
 
 
 def test_ddp_sinkhorn_equals_single_process_on_global_batch(ddp):

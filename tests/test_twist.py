@@ -21,7 +21,7 @@ from ssl_lightning.methods.twist import TWIST
 from ssl_lightning.optim import warmup_cosine
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import grads, spawn_results, WORLD  # tests/ is on sys.path
 from resume_utils import check_resume_is_exact, fit
 
 EPS = 1e-5
@@ -258,8 +258,7 @@ def scenario_losses(rank: int, world: int, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_twist")
-    return results_getter(run_ddp({"losses": scenario_losses}, out), out)
+    return spawn_results(tmp_path_factory, "ddp_twist", {"losses": scenario_losses}, {})
 
 
 @pytest.mark.parametrize("mode", ["multicrop", "teacher", "self_label"])

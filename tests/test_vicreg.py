@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ssl_lightning.heads import mlp
 from ssl_lightning.losses.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
 from ssl_lightning.methods.vicreg import VICReg
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import ddp_loss_backward, grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import (WORLD, assert_grads_match, ddp_loss_backward, grads, norm_free_two_view,  # tests/ is on sys.path
+                       single_process_reference, spawn_results, two_view_batch)
 
 
 def vicreg_reference(x: torch.Tensor, y: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0):
@@ -96,57 +95,33 @@ B, IMAGE = 4, 16  # images per process
 
 
 def build_model() -> VICReg:
-    torch.manual_seed(0)
-    model = VICReg(backbone="convnet", backbone_kwargs={"norm": "none", "width": 8}, in_channels=1,
-                   num_classes=0, proj_hidden=32, proj_out=16)
-    model.projector = mlp([model.backbone.num_features, 32, 16], norm="none")  # no BatchNorm on CPU DDP
-    with torch.no_grad():  # the norm-free net's outputs are ~1e-3: scale them to std ~1 so every term is active
-        model.projector[-1].weight.mul_(800)
-    return model
-
-
-def global_batch() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(WORLD * B, 1, IMAGE, IMAGE, generator=g) for _ in range(2)]
+    return norm_free_two_view(VICReg)
 
 
 def scenario_vicreg(rank: int, world: int, out: Path) -> dict:
     model = build_model()
-    loss = ddp_loss_backward(model, out / "init.pt", [v[rank * B:(rank + 1) * B] for v in global_batch()])
+    loss = ddp_loss_backward(model, out / "init.pt", [v[rank * B:(rank + 1) * B] for v in two_view_batch(B, IMAGE)])
     return {"loss": loss, "grads": grads(model)}
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_vicreg")
-    torch.save(build_model().state_dict(), out / "init.pt")
-    return results_getter(run_ddp({"vicreg": scenario_vicreg}, out), out)
+    return spawn_results(tmp_path_factory, "ddp_vicreg", {"vicreg": scenario_vicreg}, {"init.pt": build_model})
 
 
 def test_vicreg_ddp_matches_single_process(ddp):
     results = ddp("vicreg")
-    model = build_model()
-    model.load_state_dict(torch.load(ddp.out / "init.pt", weights_only=True))
-    views = global_batch()
-    ref_loss = LossStep(model)(views)
-    ref_loss.backward()
-    ref = grads(model)
-    assert len(ref) == len(list(model.parameters()))
-    # tolerance relative to the gradients' scale: a 1/world_size scaling would be off by 50%
-    scale = float(max(g.abs().max() for g in ref.values()))
-    assert scale > 1e-3
+    model, views = build_model(), two_view_batch(B, IMAGE)
+    ref_loss, ref, scale = single_process_reference(model, ddp.out / "init.pt", views)
     with torch.no_grad():
         z = [model.projector(f) for f in model.forward_views(views)]
         terms = vicreg_loss(*z)
     assert terms["invariance"] > 0.1 and 0.01 < terms["variance"] < 0.99 and terms["covariance"] > 0.01
     losses = torch.stack([res["loss"] for res in results])
     # invariance is local (per-rank MSE), variance/covariance global: the mean over ranks is the global loss
-    torch.testing.assert_close(losses.mean(), ref_loss.detach(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(losses.mean(), ref_loss, atol=1e-5, rtol=1e-6)
     assert not torch.allclose(losses[0], losses[1])
-    for r, res in enumerate(results):
-        assert res["grads"].keys() == ref.keys()
-        for name, g in ref.items():
-            torch.testing.assert_close(res["grads"][name], g, atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=name: f"rank {r} {n}: {m}")
+    assert_grads_match(results, ref, scale)
     # guard: variance/covariance on each process's own batch would give a different loss
     with torch.no_grad():
         local = torch.stack([vicreg_loss(z[0][s:s + B], z[1][s:s + B])["loss"] for s in range(0, WORLD * B, B)])

@@ -15,7 +15,7 @@ from ssl_lightning.losses.wmse import cholesky_whiten, wmse_loss
 from ssl_lightning.methods.wmse import WMSE
 from ssl_lightning.registry import SSLError
 
-from ddp_utils import grads, LossStep, results_getter, run_ddp, WORLD  # tests/ is on sys.path
+from ddp_utils import grads, LossStep, spawn_results, WORLD  # tests/ is on sys.path
 
 
 def correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -137,9 +137,7 @@ SCENARIOS = {"wmse": scenario_wmse}
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_wmse")
-    torch.save(build_wmse().state_dict(), out / "wmse_init.pt")
-    return results_getter(run_ddp(SCENARIOS, out), out)
+    return spawn_results(tmp_path_factory, "ddp_wmse", SCENARIOS, {"wmse_init.pt": build_wmse})
 
 
 def test_ddp_matches_single_process_on_global_batch(ddp):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_lightning.evaluation.checkpoint import load_backbone, load_module, run_dir_of
+from ssl_lightning.evaluation.checkpoint import load_backbone, load_module
 from ssl_lightning.evaluation.data import EvalData, EvalSplits, dataset_labels, eval_splits, resolve_data
 from ssl_lightning.evaluation.features import extract_features
 from ssl_lightning.registry import SSLError
