@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -284,3 +285,24 @@ def test_embed_and_retrieve_commands_write_pngs(ckpt, tmp_path):
     assert Path(out["png"]).stat().st_size > 0 and out["split"] == "val"
     out = ev.retrieve(str(ckpt), data=DATA, num_queries=3, k=4, out_dir=str(tmp_path))
     assert Path(out["png"]).stat().st_size > 0 and len(out["queries"]) == 3
+
+
+def test_data_and_settings_errors_name_the_fix(tmp_path):
+    import standins
+    from torch import nn
+
+    from ssl_lightning.evaluation.data import eval_splits, resolve_data
+
+    with pytest.raises(SSLError, match="Which dataset.*--data.dataset"):  # an exported file without its run
+        resolve_data(EvalData(), {"checkpoint": "backbone.pt"})
+    flat = standins.write_flat_folder(tmp_path / "flat")  # images without class folders: unlabelled
+    with pytest.raises(SSLError, match="has no labels here"):
+        eval_splits(EvalData(dataset="image_folder", root=str(flat)), 3)
+    labelled = standins.write_image_folder(tmp_path / "folder", classes=["a", "b"])
+    shutil.rmtree(labelled / "val")  # a train split only
+    with pytest.raises(SSLError, match="no validation split"):
+        eval_splits(EvalData(dataset="image_folder", root=str(labelled)), 3)
+    backbone = nn.Identity()
+    backbone.num_features = 4
+    with pytest.raises(SSLError, match="Unknown schedule 'linear'"):
+        Classifier(backbone, 2, schedule="linear")
