@@ -7,9 +7,13 @@ For each method (SimCLR, BYOL, SwAV multi-crop) with the same backbone, batch an
       loss, backward and an SGD step (no data, augmentation, probe or logging);
   (b) the full training step through ssl_lightning: Trainer, loader, augmentation (per-image workers or
       batched on the device, ``--augment``), heads, loss, teacher, optimizer, online probe and logging;
-measured in training images per second after a warm-up (a and m: the median of 3 timings). The
-headline is b / a; b / m isolates the framework's and the input pipeline's cost from the method's own
-extra compute (BYOL's teacher forward, heads, loss).
+measured in training images per second after a warm-up. The headline is b / a; b / m isolates the
+framework's and the input pipeline's cost from the method's own extra compute (BYOL's teacher forward,
+heads, loss).
+
+The speed of this shared 2-core machine drifts by up to 25% between minutes, so a, m and b are measured
+in ``--rounds`` interleaved rounds (b for each pipeline, then a and m right after) and each ratio is the
+median over rounds of the ratio within a round; the table also gives the lowest and highest.
 
     python experiments/bench/throughput.py                          # CPU, small ConvNet, Fashion-MNIST, batch 256
     python experiments/bench/throughput.py --dataset cifar10 --root <dir> --backbone resnet18 \
@@ -181,7 +185,8 @@ def main() -> None:
     p.add_argument("--augment", nargs="+", default=["workers", "device"], help="pipelines to measure")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3, help="timings of the fixed-tensor limits (median)")
+    p.add_argument("--repeats", type=int, default=1, help="timings of the fixed-tensor limits per round (median)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of b, a and m (ratios: median over rounds)")
     p.add_argument("--extra", nargs="*", default=[], help="extra CLI flags for the framework runs")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -191,30 +196,45 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
     rows = []
     for method in a.methods:
-        limit = None
-        for augment in a.augment:
-            ips, shapes, peak, model = framework(method, a, augment)
-            if limit is None:  # the same shapes for every pipeline
-                limit, method_limit = bare(a, shapes), model_limit(a, model, shapes)
+        rounds: dict[str, list[dict]] = {augment: [] for augment in a.augment}
+        for r in range(a.rounds):
+            measured = {augment: framework(method, a, augment) for augment in a.augment}
+            shapes, model = measured[a.augment[-1]][1], measured[a.augment[-1]][3]
+            limit, method_limit = bare(a, shapes), model_limit(a, model, shapes)  # right after, same conditions
+            for augment, (ips, _, peak, _) in measured.items():
+                rounds[augment].append({"framework_images_per_s": ips, "bare_images_per_s": limit,
+                                        "model_images_per_s": method_limit, "peak_gpu_gib": peak})
+                print(f"{method} [{augment}] round {r}: framework {ips:.0f} img/s, bare backbone {limit:.0f} img/s "
+                      f"(ratio {ips / limit:.2f}), method on fixed tensors {method_limit:.0f} img/s "
+                      f"(ratio {ips / method_limit:.2f})", flush=True)
+            del measured, model
+            gc.collect()
+        for augment, rs in rounds.items():
+            ratio = [x["framework_images_per_s"] / x["bare_images_per_s"] for x in rs]
+            ratio_m = [x["framework_images_per_s"] / x["model_images_per_s"] for x in rs]
+            median = lambda key: statistics.median(x[key] for x in rs)  # noqa: E731
             rows.append({"method": method, "augment": augment, "views": [list(s) for s in shapes],
-                         "framework_images_per_s": ips, "bare_images_per_s": limit, "ratio": ips / limit,
-                         "model_images_per_s": method_limit, "ratio_to_model": ips / method_limit,
-                         "peak_gpu_gib": peak})
-            print(f"{method} [{augment}]: framework {ips:.0f} img/s, bare backbone {limit:.0f} img/s (ratio {ips / limit:.2f}), "
-                  f"method on fixed tensors {method_limit:.0f} img/s (ratio {ips / method_limit:.2f})", flush=True)
+                         "framework_images_per_s": median("framework_images_per_s"),
+                         "bare_images_per_s": median("bare_images_per_s"),
+                         "model_images_per_s": median("model_images_per_s"),
+                         "ratio": statistics.median(ratio), "ratio_range": [min(ratio), max(ratio)],
+                         "ratio_to_model": statistics.median(ratio_m), "ratio_to_model_range": [min(ratio_m), max(ratio_m)],
+                         "peak_gpu_gib": max(x["peak_gpu_gib"] for x in rs), "rounds": rs})
     record = {"device": device, "settings": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__}
     (OUT / f"throughput{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| method | augmentation | views | framework img/s (b) | bare backbone img/s (a) | b / a | "
-             "method on fixed tensors img/s (m) | b / m | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | augmentation | views | framework img/s (b) | bare backbone img/s (a) | b / a (range) | "
+             "method on fixed tensors img/s (m) | b / m (range) | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    span = lambda r: f"{r[0]:.2f}-{r[1]:.2f}"  # noqa: E731
     for r in rows:
         views = " + ".join(f"{sum(1 for v in r['views'] if tuple(v) == s)}x{s[-1]}" for s in {tuple(v): 0 for v in r["views"]})
         lines.append(f"| {r['method']} | {r['augment']} | {views} | {r['framework_images_per_s']:.0f} | "
-                     f"{r['bare_images_per_s']:.0f} | {r['ratio']:.2f} | {r['model_images_per_s']:.0f} | "
-                     f"{r['ratio_to_model']:.2f} | {r['peak_gpu_gib']:.2f} |")
+                     f"{r['bare_images_per_s']:.0f} | {r['ratio']:.2f} ({span(r['ratio_range'])}) | "
+                     f"{r['model_images_per_s']:.0f} | {r['ratio_to_model']:.2f} ({span(r['ratio_to_model_range'])}) | "
+                     f"{r['peak_gpu_gib']:.2f} |")
     table = "\n".join(lines)
     header = (f"{device}; {a.dataset}, backbone {a.backbone}, batch {a.batch_size}, {a.precision}, {a.workers} workers, "
-              f"{a.steps} timed steps after {a.warmup} ({time.strftime('%Y-%m-%d')})")
+              f"{a.steps} timed steps after {a.warmup}, medians of {a.rounds} interleaved rounds ({time.strftime('%Y-%m-%d')})")
     (OUT / f"throughput{a.tag}.md").write_text(header + "\n\n" + table + "\n")
     print(header)
     print(table)
