@@ -55,6 +55,15 @@ def test_param_groups_lr_scaling_and_schedule():
     assert factors[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
 
 
+def test_simclr_projector_is_the_official_head():
+    """google-research/simclr model_util.projection_head: Linear -> BN -> ReLU, then Linear without bias -> BN
+    with a scale but no shift (center=False)."""
+    proj = SimCLR(backbone="convnet", in_channels=1, num_classes=0, proj_hidden=32, proj_out=8).projector
+    assert [type(m).__name__ for m in proj] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert proj[0].bias is None and proj[3].bias is None
+    assert proj[4].weight.requires_grad and not proj[4].bias.requires_grad and not proj[4].bias.any()
+
+
 def test_byol_teacher_follows_cosine_momentum():
     L.seed_everything(0)
     model = BYOL(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=16,

@@ -15,13 +15,15 @@ class SimCLR(SSLMethod):
 
     Args:
         temperature: T of NT-Xent (0.1 ImageNet, 0.5 CIFAR recipe).
-        proj_hidden, proj_out: projector widths (2048 -> 128 in the paper).
+        proj_hidden, proj_out: projector widths (2048 -> 128 in the paper). As in the official code
+            (``model_util.projection_head``), both layers are followed by BatchNorm: the last linear layer
+            has no bias and its BatchNorm a scale but no shift (``center=False``).
         **kwargs: :class:`SSLMethod` options (backbone, optimizer, lr, ...).
     """
 
     def __init__(self, temperature: float = 0.5, proj_hidden: int = 2048, proj_out: int = 128, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.projector = mlp([self.backbone.num_features, proj_hidden, proj_out])
+        self.projector = mlp([self.backbone.num_features, proj_hidden, proj_out], last_norm=True, last_center=False)
 
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         z_a, z_b = (self.projector(f) for f in feats[:2])
