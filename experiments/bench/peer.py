@@ -6,7 +6,12 @@ optimizer, schedule and epochs, on a seeded Fashion-MNIST subset; both are score
 kNN (k 200, T 0.1) on the same un-augmented train / test subsets. Throughput counts training images
 per second over the training epochs only (no validation in either timing).
 
-    python experiments/bench/peer.py --epochs 3 --train_subset 5000
+Each seed sets, on both sides, the subsets, the model's initialisation, the data order and the
+augmentations' random stream; a short run's kNN moves by about 0.01 from seed to seed, so the verdict is
+the mean over seeds of the paired difference (ssl_lightning - lightly loop, same seed) with its standard
+error. ``--augments`` runs ssl_lightning with each input pipeline against the same lightly loop.
+
+    python experiments/bench/peer.py --epochs 3 --train_subset 5000 --seeds 0 1 2 3 4
 Writes experiments/results/bench/peer.{json,md}.
 """
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -48,8 +54,8 @@ class TrainTimer(L.Callback):
         self.seconds += time.perf_counter() - self._t0
 
 
-def run_ours(method: str, epochs: int, train_subset: int, eval_subset: int, val_subset: int, workers: int,
-             extra: list[str]) -> dict:
+def run_ours(method: str, seed: int, epochs: int, train_subset: int, eval_subset: int, val_subset: int,
+             workers: int, extra: list[str]) -> dict:
     from ssl_lightning.callbacks import KNNMonitor
     from ssl_lightning.cli import SSLCLI
 
@@ -62,7 +68,7 @@ def run_ours(method: str, epochs: int, train_subset: int, eval_subset: int, val_
             "--trainer.check_val_every_n_epoch", str(epochs), "--trainer.num_sanity_val_steps", "0",
             "--data.train_subset", str(train_subset), "--data.eval_subset", str(eval_subset),
             "--data.val_subset", str(val_subset), "--data.num_workers", str(workers),
-            "--data.pin_memory", "false", *extra])
+            "--data.pin_memory", "false", "--seed_everything", str(seed), "--data.seed", str(seed), *extra])
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         knn = float(cli.trainer.callback_metrics["val/knn_top1"])
@@ -73,7 +79,8 @@ def run_ours(method: str, epochs: int, train_subset: int, eval_subset: int, val_
 
 
 # ---- the peer: a plain loop from lightly's pieces (the same seeded subsets as SSLDataModule's) ---------
-def run_lightly(method: str, epochs: int, train_subset: int, eval_subset: int, val_subset: int, workers: int) -> dict:
+def run_lightly(method: str, seed: int, epochs: int, train_subset: int, eval_subset: int, val_subset: int,
+                workers: int) -> dict:
     from lightly.loss import NegativeCosineSimilarity, NTXentLoss
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -85,7 +92,7 @@ def run_lightly(method: str, epochs: int, train_subset: int, eval_subset: int, v
     from ssl_lightning.data.datasets import DATASETS
     from ssl_lightning.evaluation.knn import weighted_knn
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     spec = DATASETS.get("fashion_mnist")
     norm = {"mean": list(spec.mean), "std": list(spec.std)}
     train, test = spec.load(spec.default_root, "train", False), spec.load(spec.default_root, "val", False)
@@ -106,7 +113,7 @@ def run_lightly(method: str, epochs: int, train_subset: int, eval_subset: int, v
         optimizer = torch.optim.AdamW(list(backbone.parameters()) + list(heads.parameters()), lr=lr, weight_decay=wd)
         teacher = torch.nn.ModuleDict({"backbone": copy.deepcopy(backbone), "proj": copy.deepcopy(heads["proj"])})
         deactivate_requires_grad(teacher)
-    pretrain = TransformDataset(_subset(train, train_subset, 0), lambda image: transform(to_pil_image(image)))
+    pretrain = TransformDataset(_subset(train, train_subset, seed), lambda image: transform(to_pil_image(image)))
     loader = DataLoader(pretrain, batch_size=batch, shuffle=True,
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
     steps, warmup = epochs * len(loader), len(loader)  # 1 warm-up epoch, then cosine, per step (as the configs)
@@ -138,7 +145,7 @@ def run_lightly(method: str, epochs: int, train_subset: int, eval_subset: int, v
     feats = {}
     backbone.eval()
     with torch.no_grad():
-        for name, ds in (("bank", _subset(train, eval_subset, 0)), ("query", _subset(test, val_subset, 0))):
+        for name, ds in (("bank", _subset(train, eval_subset, seed)), ("query", _subset(test, val_subset, seed))):
             loader = DataLoader(TransformDataset(ds, lambda image: evaluate(to_pil_image(image))), batch_size=512)
             out = [(backbone(x), y) for x, y in loader]
             feats[name] = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
@@ -147,9 +154,25 @@ def run_lightly(method: str, epochs: int, train_subset: int, eval_subset: int, v
             "knn_top1": float((pred == feats["query"][1]).float().mean()), "batch_size": batch}
 
 
+def summarise(rows: list[dict], method: str, augment: str) -> dict:
+    """Mean kNN of each side over seeds, the paired difference's mean and standard error, median speed ratio."""
+    pairs = [(r["ssl_lightning"][augment], r["lightly_loop"]) for r in rows if r["method"] == method]
+    diff = [o["knn_top1"] - q["knn_top1"] for o, q in pairs]
+    se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return {"method": method, "augment": augment, "seeds": len(pairs),
+            "speed_ratio": statistics.median(o["images_per_s"] / q["images_per_s"] for o, q in pairs),
+            "images_per_s": statistics.median(o["images_per_s"] for o, _ in pairs),
+            "lightly_images_per_s": statistics.median(q["images_per_s"] for _, q in pairs),
+            "knn": statistics.mean(o["knn_top1"] for o, _ in pairs),
+            "lightly_knn": statistics.mean(q["knn_top1"] for _, q in pairs),
+            "knn_difference": statistics.mean(diff), "knn_difference_se": se}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["simclr", "byol"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--augments", nargs="+", default=["device", "workers"], help="ssl_lightning's input pipelines")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train_subset", type=int, default=5000)
     p.add_argument("--eval_subset", type=int, default=5000)
@@ -160,29 +183,40 @@ def main() -> None:
     a = p.parse_args()
     sys.argv = sys.argv[:1]
     OUT.mkdir(parents=True, exist_ok=True)
+    extra = [f for arg in a.ours_args for f in arg.split()]
+    sizes = (a.epochs, a.train_subset, a.eval_subset, a.val_subset, a.workers)
     rows = []
     for method in a.methods:
-        sizes = (a.epochs, a.train_subset, a.eval_subset, a.val_subset, a.workers)
-        ours = run_ours(method, *sizes, [f for arg in a.ours_args for f in arg.split()])
-        peer = run_lightly(method, *sizes)
-        rows.append({"method": method, "ssl_lightning": ours, "lightly_loop": peer,
-                     "speed_ratio": ours["images_per_s"] / peer["images_per_s"]})
-        print(f"{method}: ours {ours['images_per_s']:.0f} img/s kNN {ours['knn_top1']:.4f} | lightly loop "
-              f"{peer['images_per_s']:.0f} img/s kNN {peer['knn_top1']:.4f}", flush=True)
-    torch_threads = torch.get_num_threads()
-    record = {"settings": vars(a), "torch_threads": torch_threads, "rows": rows, "date": time.strftime("%Y-%m-%d")}
+        for seed in a.seeds:
+            ours = {augment: run_ours(method, seed, *sizes, ["--data.augment", augment, *extra]) for augment in a.augments}
+            peer = run_lightly(method, seed, *sizes)
+            rows.append({"method": method, "seed": seed, "ssl_lightning": ours, "lightly_loop": peer})
+            print(f"{method} seed {seed}: lightly loop {peer['images_per_s']:.0f} img/s kNN {peer['knn_top1']:.4f} | " +
+                  " | ".join(f"ours [{m}] {o['images_per_s']:.0f} img/s kNN {o['knn_top1']:.4f}" for m, o in ours.items()),
+                  flush=True)
+    summary = [summarise(rows, method, augment) for method in a.methods for augment in a.augments]
+    record = {"settings": vars(a), "torch_threads": torch.get_num_threads(), "rows": rows, "summary": summary,
+              "date": time.strftime("%Y-%m-%d")}
     (OUT / f"peer{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| method | ssl_lightning img/s | lightly loop img/s | speed ratio | kNN ssl_lightning | kNN lightly loop |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | ssl_lightning pipeline | seeds | ssl_lightning img/s | lightly loop img/s | speed ratio | "
+             "kNN ssl_lightning | kNN lightly loop | kNN difference (+- s.e.) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['method']} | {r['augment']} | {r['seeds']} | {r['images_per_s']:.0f} | {r['lightly_images_per_s']:.0f} | "
+                     f"{r['speed_ratio']:.2f} | {r['knn']:.4f} | {r['lightly_knn']:.4f} | "
+                     f"{r['knn_difference']:+.4f} +- {r['knn_difference_se']:.4f} |")
+    per_seed = ["| method | seed | kNN lightly loop | " + " | ".join(f"kNN {m} | img/s {m}" for m in a.augments) +
+                " | img/s lightly loop |", "|---|---|---|" + "---|---|" * len(a.augments) + "---|"]
     for r in rows:
-        o, q = r["ssl_lightning"], r["lightly_loop"]
-        lines.append(f"| {r['method']} | {o['images_per_s']:.0f} | {q['images_per_s']:.0f} | {r['speed_ratio']:.2f} | "
-                     f"{o['knn_top1']:.4f} | {q['knn_top1']:.4f} |")
+        per_seed.append(f"| {r['method']} | {r['seed']} | {r['lightly_loop']['knn_top1']:.4f} | " + " | ".join(
+            f"{r['ssl_lightning'][m]['knn_top1']:.4f} | {r['ssl_lightning'][m]['images_per_s']:.0f}" for m in a.augments) +
+            f" | {r['lightly_loop']['images_per_s']:.0f} |")
+    header = (f"Fashion-MNIST subset {a.train_subset}, {a.epochs} epochs, small ConvNet, {a.workers} loader workers, CPU "
+              f"({time.strftime('%Y-%m-%d')}); speed: median over seeds; kNN: mean over seeds; difference: ssl_lightning - "
+              f"lightly loop, paired by seed; extra ssl_lightning flags: {' '.join(extra) or 'none'}")
     table = "\n".join(lines)
-    (OUT / f"peer{a.tag}.md").write_text(f"Fashion-MNIST subset {a.train_subset}, {a.epochs} epochs, small ConvNet, "
-                                         f"{a.workers} loader workers, CPU ({time.strftime('%Y-%m-%d')}); ssl_lightning flags: "
-                                         f"{' '.join(a.ours_args) or 'none (data.augment workers)'}\n\n{table}\n")
+    (OUT / f"peer{a.tag}.md").write_text(header + "\n\n" + table + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     print(table)
+    print("\n".join(per_seed))
 
 
 if __name__ == "__main__":
