@@ -11,8 +11,10 @@ augmentations' random stream; a short run's kNN moves by about 0.01 from seed to
 the mean over seeds of the paired difference (ssl_lightning - lightly loop, same seed) with its standard
 error. ``--augments`` runs ssl_lightning with each input pipeline against the same lightly loop.
 
-    python experiments/bench/peer.py --epochs 3 --train_subset 5000 --seeds 0 1 2 3 4
-Writes experiments/results/bench/peer.{json,md}.
+    python experiments/bench/peer.py --epochs 10 --seeds 0 1 2 3 --methods simclr   # the README's SimCLR rows
+    python experiments/bench/peer.py --epochs 10 --seeds 0 1 2                      # its BYOL rows (*)
+Writes experiments/results/bench/peer<tag>.{json,md}. (*) That run's files were renamed
+peer_byol_and_previous_simclr_head.{json,md}: its SimCLR rows predate SimCLR's official last BatchNorm.
 """
 from __future__ import annotations
 
@@ -173,7 +175,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["simclr", "byol"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--augments", nargs="+", default=["device", "workers"], help="ssl_lightning's input pipelines")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train_subset", type=int, default=5000)
     p.add_argument("--eval_subset", type=int, default=5000)
     p.add_argument("--val_subset", type=int, default=2000)

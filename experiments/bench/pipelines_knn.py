@@ -2,7 +2,7 @@
 (experiments/fashion_mnist/simclr.yaml, 5,000 images, 3 epochs) with data.augment workers and device
 over several seeds (the seed of the data order / augmentations and of the model's initialisation).
 
-    python experiments/bench/pipelines_knn.py --seeds 0 1 2 3
+    python experiments/bench/pipelines_knn.py --seeds 0 1 2 3 4 5 6 7 8 9
     python experiments/bench/pipelines_knn.py --augments device --round_uint8 --tag _rounded   # the experiments below
     python experiments/bench/pipelines_knn.py --augments workers --float_workers --tag _float
 Writes experiments/results/bench/pipelines_knn<tag>.{json,md}.
