@@ -156,6 +156,17 @@ def run_lightly(method: str, seed: int, epochs: int, train_subset: int, eval_sub
             "knn_top1": float((pred == feats["query"][1]).float().mean()), "batch_size": batch}
 
 
+def decay_everything() -> None:
+    """Patches ssl_lightning's parameter groups so that weight decay applies to every parameter, biases and
+    norm parameters included, as in the lightly loop (an experiment on the kNN gap, not a feature)."""
+    import ssl_lightning.methods.base as base
+
+    grouped = base.param_groups
+    base.param_groups = lambda params, weight_decay, **extra: [  # noqa: E731
+        {"params": [p for g in grouped(params, weight_decay, **extra) for p in g["params"]],
+         "weight_decay": weight_decay, **extra}]
+
+
 def summarise(rows: list[dict], method: str, augment: str) -> dict:
     """Mean kNN of each side over seeds, the paired difference's mean and standard error, median speed ratio."""
     pairs = [(r["ssl_lightning"][augment], r["lightly_loop"]) for r in rows if r["method"] == method]
@@ -182,7 +193,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ours_args", nargs="*", default=[], help="extra CLI flags for the ssl_lightning runs")
     p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--decay_all", action="store_true",
+                   help="experiment: ssl_lightning decays every parameter, biases and norms too, as the loop does")
     a = p.parse_args()
+    if a.decay_all:
+        decay_everything()
     sys.argv = sys.argv[:1]
     OUT.mkdir(parents=True, exist_ok=True)
     extra = [f for arg in a.ours_args for f in arg.split()]
@@ -214,7 +229,8 @@ def main() -> None:
             f" | {r['lightly_loop']['images_per_s']:.0f} |")
     header = (f"Fashion-MNIST subset {a.train_subset}, {a.epochs} epochs, small ConvNet, {a.workers} loader workers, CPU "
               f"({time.strftime('%Y-%m-%d')}); speed: median over seeds; kNN: mean over seeds; difference: ssl_lightning - "
-              f"lightly loop, paired by seed; extra ssl_lightning flags: {' '.join(extra) or 'none'}")
+              f"lightly loop, paired by seed; extra ssl_lightning flags: {' '.join(extra) or 'none'}"
+              f"{'; experiment: ssl_lightning decays every parameter (--decay_all)' if a.decay_all else ''}")
     table = "\n".join(lines)
     (OUT / f"peer{a.tag}.md").write_text(header + "\n\n" + table + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     print(table)
