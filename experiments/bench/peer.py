@@ -193,6 +193,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ours_args", nargs="*", default=[], help="extra CLI flags for the ssl_lightning runs")
     p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--loop_from", default=None, help="reuse the lightly loop's rows (same method and seed) from this "
+                   "earlier peer JSON instead of running it again (the loop is deterministic on a CPU)")
     p.add_argument("--decay_all", action="store_true",
                    help="experiment: ssl_lightning decays every parameter, biases and norms too, as the loop does")
     a = p.parse_args()
@@ -202,11 +204,13 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     extra = [f for arg in a.ours_args for f in arg.split()]
     sizes = (a.epochs, a.train_subset, a.eval_subset, a.val_subset, a.workers)
+    reused = {(r["method"], r["seed"]): r["lightly_loop"]
+              for r in json.loads(Path(a.loop_from).read_text())["rows"]} if a.loop_from else {}
     rows = []
     for method in a.methods:
         for seed in a.seeds:
             ours = {augment: run_ours(method, seed, *sizes, ["--data.augment", augment, *extra]) for augment in a.augments}
-            peer = run_lightly(method, seed, *sizes)
+            peer = reused[method, seed] if a.loop_from else run_lightly(method, seed, *sizes)
             rows.append({"method": method, "seed": seed, "ssl_lightning": ours, "lightly_loop": peer})
             print(f"{method} seed {seed}: lightly loop {peer['images_per_s']:.0f} img/s kNN {peer['knn_top1']:.4f} | " +
                   " | ".join(f"ours [{m}] {o['images_per_s']:.0f} img/s kNN {o['knn_top1']:.4f}" for m, o in ours.items()),
@@ -230,7 +234,8 @@ def main() -> None:
     header = (f"Fashion-MNIST subset {a.train_subset}, {a.epochs} epochs, small ConvNet, {a.workers} loader workers, CPU "
               f"({time.strftime('%Y-%m-%d')}); speed: median over seeds; kNN: mean over seeds; difference: ssl_lightning - "
               f"lightly loop, paired by seed; extra ssl_lightning flags: {' '.join(extra) or 'none'}"
-              f"{'; experiment: ssl_lightning decays every parameter (--decay_all)' if a.decay_all else ''}")
+              f"{'; experiment: ssl_lightning decays every parameter (--decay_all)' if a.decay_all else ''}"
+              f"{f'; lightly loop rows reused from {a.loop_from}' if a.loop_from else ''}")
     table = "\n".join(lines)
     (OUT / f"peer{a.tag}.md").write_text(header + "\n\n" + table + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     print(table)
