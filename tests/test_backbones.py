@@ -48,6 +48,7 @@ def test_mlp_layout():
     last = mlp([8, 16, 4], last_norm=True, last_affine=False)
     assert isinstance(last[-1], torch.nn.BatchNorm1d) and not last[-1].affine and last[-2].bias is None
     assert [type(m).__name__ for m in mlp([8, 4])] == ["Linear"]
+    assert [type(m).__name__ for m in mlp([8, 16, 4], norm="none")] == ["Linear", "ReLU", "Linear"]
     scale_only = mlp([8, 16, 4], last_norm=True, last_center=False)[-1]  # SimCLR's official head: center=False
     assert scale_only.weight.requires_grad and not scale_only.bias.requires_grad
 
@@ -61,7 +62,6 @@ def test_mlp_scale_only_norm_keeps_its_shift_at_zero():
         opt.step()
         opt.zero_grad()
     assert torch.equal(head[-1].bias, torch.zeros(4)) and not torch.equal(head[-1].weight, before)
-    assert [type(m).__name__ for m in mlp([8, 16, 4], norm="none")] == ["Linear", "ReLU", "Linear"]
 
 
 @pytest.mark.parametrize("concat", [True, False])
