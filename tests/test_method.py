@@ -1,6 +1,7 @@
 """SSLMethod's shared machinery: optimizer groups, learning-rate scaling and schedule, EMA step."""
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from ssl_lightning import SSLDataModule
+from ssl_lightning.losses import nt_xent
 from ssl_lightning.methods import BYOL, SimCLR
 from ssl_lightning.modules import cosine_momentum
 
@@ -63,6 +65,69 @@ def test_simclr_projector_is_the_official_head():
     assert proj[0].bias is None and proj[3].bias is None
     assert proj[4].weight.requires_grad and not proj[4].bias.requires_grad and not proj[4].bias.any()
 
+
+def test_simclr_projector_normalises_over_both_views():
+    """The official model.py concatenates the two views before the encoder and the projection head, so each
+    BatchNorm of the head takes its statistics over all 2B projections, not over each view's B."""
+    torch.manual_seed(0)
+    model = SimCLR(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=16,
+                   proj_out=8).train()
+    seen = []
+    for m in model.projector:
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    feats = [torch.randn(6, model.backbone.num_features), torch.randn(6, model.backbone.num_features) + 1.0]
+    loss = model.loss(feats, [], torch.arange(6))
+    assert seen == [12, 12]
+    per_view = nt_xent(*(model.projector(f) for f in feats), 0.5)  # what separate passes would give
+    assert not torch.allclose(loss, per_view)
+
+
+def test_simclr_training_equals_a_plain_loop_of_lightly_pieces():
+    """Through Lightning (parameter groups, per-step warm-up + cosine, one backbone and one projector pass over
+    both views) SimCLR's steps equal a plain PyTorch loop built from lightly's SimCLRProjectionHead and
+    NTXentLoss, given the same start, batches and recipe: weight decay on weights only, and the official head's
+    last BatchNorm without a shift (the two places where the peer benchmark's lightly loop differs)."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    torch.manual_seed(0)
+    model = SimCLR(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=32,
+                   proj_out=16, temperature=0.5, optimizer="sgd", lr=1.2, weight_decay=5e-4, momentum=0.9,
+                   warmup_epochs=1)
+    batch, steps, epochs = 16, 3, 2
+    views = torch.randn(steps, 2, batch, 1, 16, 16)
+    start = copy.deepcopy(model.backbone.state_dict())
+    backbone = copy.deepcopy(model.backbone).train()
+    head = SimCLRProjectionHead(model.backbone.num_features, 32, 16).train()
+    head.layers.load_state_dict(model.projector.state_dict())  # the same layout: Linear, BN, ReLU, Linear, BN
+    head.layers[-1].bias.requires_grad_(False)
+    params = [p for p in [*backbone.parameters(), *head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-4},
+                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                lr=1.2 * batch / 256, momentum=0.9)
+    total = steps * epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / steps if s < steps else
+                                                 0.5 * (1 + math.cos(math.pi * (s - steps) / (total - steps))))
+    criterion = NTXentLoss(temperature=0.5)
+    for _ in range(epochs):
+        for x0, x1 in views:
+            z0, z1 = head(backbone(torch.cat([x0, x1]))).chunk(2)
+            optimizer.zero_grad()
+            criterion(z0, z1).backward()
+            optimizer.step()
+            schedule.step()
+
+    data = [([x0[i], x1[i]], 0, i) for x0, x1 in views for i in range(batch)]  # the same batches, in order
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=batch))
+    ours = {**model.backbone.state_dict(), **{f"p.{k}": v for k, v in model.projector.state_dict().items()}}
+    loop = {**backbone.state_dict(), **{f"p.{k}": v for k, v in head.layers.state_dict().items()}}
+    assert ours.keys() == loop.keys()
+    for name in ours:
+        assert torch.allclose(ours[name].float(), loop[name].float(), atol=1e-6, rtol=1e-4), name
+    assert all(not torch.equal(model.backbone.state_dict()[k], v) for k, v in start.items() if v.is_floating_point())
 
 def test_byol_teacher_follows_cosine_momentum():
     L.seed_everything(0)
