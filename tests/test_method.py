@@ -83,11 +83,41 @@ def test_simclr_projector_normalises_over_both_views():
     assert not torch.allclose(loss, per_view)
 
 
+# ---- the framework's training = a plain PyTorch loop of lightly's pieces (the peer benchmark's loop) ------
+def _plain_loop_recipe(params, batch: int, steps: int, epochs: int, lr: float, weight_decay: float):
+    """SGD and the configs' schedule written plainly: weight decay on weights only, lr x batch / 256, warm-up
+    for one epoch then cosine, stepped per batch."""
+    groups = [{"params": [p for p in params if p.requires_grad and p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.requires_grad and p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=lr * batch / 256, momentum=0.9)
+    total = steps * epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / steps if s < steps else
+                                                 0.5 * (1 + math.cos(math.pi * (s - steps) / (total - steps))))
+    return optimizer, schedule
+
+
+def _fit_on_batches(model, views: torch.Tensor, epochs: int) -> None:
+    """Trains ``model`` through Lightning on the fixed batches ``views[step] = (view 1, view 2)``, in order."""
+    batch = views.shape[2]
+    data = [([x0[i], x1[i]], 0, i) for x0, x1 in views for i in range(batch)]
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=batch))
+
+
+def _assert_same_parameters(pairs, start) -> None:
+    for ours, loop in pairs:
+        for (name, p), q in zip(ours.named_parameters(), loop.parameters(), strict=True):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    moved = [not torch.equal(p, p0) for p, p0 in zip(pairs[0][0].parameters(), start)]
+    assert all(moved)
+
+
 def test_simclr_training_equals_a_plain_loop_of_lightly_pieces():
     """Through Lightning (parameter groups, per-step warm-up + cosine, one backbone and one projector pass over
-    both views) SimCLR's steps equal a plain PyTorch loop built from lightly's SimCLRProjectionHead and
-    NTXentLoss, given the same start, batches and recipe: weight decay on weights only, and the official head's
-    last BatchNorm without a shift (the two places where the peer benchmark's lightly loop differs)."""
+    both views) SimCLR's steps equal a plain loop of lightly's SimCLRProjectionHead and NTXentLoss, given the
+    same start and batches, and the official recipe: weight decay on weights only, no shift in the head's last
+    BatchNorm (the two places where the peer benchmark's lightly loop differs)."""
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
@@ -97,18 +127,13 @@ def test_simclr_training_equals_a_plain_loop_of_lightly_pieces():
                    warmup_epochs=1)
     batch, steps, epochs = 16, 3, 2
     views = torch.randn(steps, 2, batch, 1, 16, 16)
-    start = copy.deepcopy(model.backbone.state_dict())
+    start = [p.detach().clone() for p in model.backbone.parameters()]
     backbone = copy.deepcopy(model.backbone).train()
     head = SimCLRProjectionHead(model.backbone.num_features, 32, 16).train()
     head.layers.load_state_dict(model.projector.state_dict())  # the same layout: Linear, BN, ReLU, Linear, BN
     head.layers[-1].bias.requires_grad_(False)
-    params = [p for p in [*backbone.parameters(), *head.parameters()] if p.requires_grad]
-    optimizer = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-4},
-                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=1.2 * batch / 256, momentum=0.9)
-    total = steps * epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / steps if s < steps else
-                                                 0.5 * (1 + math.cos(math.pi * (s - steps) / (total - steps))))
+    optimizer, schedule = _plain_loop_recipe([*backbone.parameters(), *head.parameters()], batch, steps, epochs,
+                                             1.2, 5e-4)
     criterion = NTXentLoss(temperature=0.5)
     for _ in range(epochs):
         for x0, x1 in views:
@@ -118,16 +143,58 @@ def test_simclr_training_equals_a_plain_loop_of_lightly_pieces():
             optimizer.step()
             schedule.step()
 
-    data = [([x0[i], x1[i]], 0, i) for x0, x1 in views for i in range(batch)]  # the same batches, in order
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=batch))
-    ours = {**model.backbone.state_dict(), **{f"p.{k}": v for k, v in model.projector.state_dict().items()}}
-    loop = {**backbone.state_dict(), **{f"p.{k}": v for k, v in head.layers.state_dict().items()}}
-    assert ours.keys() == loop.keys()
-    for name in ours:
-        assert torch.allclose(ours[name].float(), loop[name].float(), atol=1e-6, rtol=1e-4), name
-    assert all(not torch.equal(model.backbone.state_dict()[k], v) for k, v in start.items() if v.is_floating_point())
+    _fit_on_batches(model, views, epochs)
+    _assert_same_parameters([(model.backbone, backbone), (model.projector, head.layers)], start)
+
+
+def test_byol_training_equals_a_plain_loop_of_lightly_pieces():
+    """BYOL through Lightning (each view through the networks separately, EMA of backbone and projector after
+    every optimizer step with the cosine momentum) equals a plain loop of lightly's BYOL heads,
+    NegativeCosineSimilarity, update_momentum and cosine_schedule, given the same start, batches and recipe
+    (weight decay on weights only). Our loss, 2 - 2 cos per direction, is 2 x lightly's -cos + 4. SGD here: Adam
+    would turn the rounding noise of gradients that BatchNorm makes ~0 (the projector's last bias, followed by the
+    predictor's BN) into full-size steps that differ between any two implementations."""
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    torch.manual_seed(0)
+    model = BYOL(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=32,
+                 proj_out=16, pred_hidden=32, momentum_base=0.9, optimizer="sgd", lr=0.5, weight_decay=1e-4,
+                 warmup_epochs=1)
+    batch, steps, epochs = 16, 3, 2
+    views = torch.randn(steps, 2, batch, 1, 16, 16)
+    start = [p.detach().clone() for p in model.backbone.parameters()]
+    backbone = copy.deepcopy(model.backbone).train()
+    proj = BYOLProjectionHead(model.backbone.num_features, 32, 16).train()
+    pred = BYOLPredictionHead(16, 32, 16).train()
+    proj.layers.load_state_dict(model.projector.state_dict())  # the same layouts: Linear, BN, ReLU, Linear
+    pred.layers.load_state_dict(model.predictor.state_dict())
+    teacher_backbone, teacher_proj = copy.deepcopy(backbone), copy.deepcopy(proj)
+    optimizer, schedule = _plain_loop_recipe([*backbone.parameters(), *proj.parameters(), *pred.parameters()],
+                                             batch, steps, epochs, 0.5, 1e-4)
+    criterion, total = NegativeCosineSimilarity(), steps * epochs
+    step = 0
+    for _ in range(epochs):
+        for x0, x1 in views:
+            p0, p1 = (pred(proj(backbone(x))) for x in (x0, x1))
+            with torch.no_grad():
+                t0, t1 = (teacher_proj(teacher_backbone(x)) for x in (x0, x1))
+            optimizer.zero_grad()
+            (2 * (criterion(p0, t1) + criterion(p1, t0))).backward()
+            optimizer.step()
+            schedule.step()
+            m = cosine_schedule(step, total + 1, 0.9, 1.0)  # max_steps - 1 = total: BYOL's cos(pi k / K)
+            update_momentum(backbone, teacher_backbone, m)
+            update_momentum(proj, teacher_proj, m)
+            step += 1
+
+    _fit_on_batches(model, views, epochs)
+    _assert_same_parameters([(model.backbone, backbone), (model.projector, proj.layers), (model.predictor, pred.layers),
+                             (model.teacher_backbone, teacher_backbone), (model.teacher_projector, teacher_proj.layers)],
+                            start)
+
 
 def test_byol_teacher_follows_cosine_momentum():
     L.seed_everything(0)
