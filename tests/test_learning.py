@@ -12,7 +12,7 @@ from ssl_lightning.evaluation.learning import learning_check
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # epochs per method: enough on this 2-core CPU for a clear rise, short enough for the suite
-EPOCHS = {"simclr": 3, "byol": 6}
+EPOCHS = {"simclr": 5, "byol": 6}
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist "

@@ -11,10 +11,21 @@ augmentations' random stream; a short run's kNN moves by about 0.01 from seed to
 the mean over seeds of the paired difference (ssl_lightning - lightly loop, same seed) with its standard
 error. ``--augments`` runs ssl_lightning with each input pipeline against the same lightly loop.
 
-    python experiments/bench/peer.py --epochs 10 --seeds 0 1 2 3 --methods simclr   # the README's SimCLR rows
-    python experiments/bench/peer.py --epochs 10 --seeds 0 1 2                      # its BYOL rows (*)
-Writes experiments/results/bench/peer<tag>.{json,md}. (*) That run's files were renamed
-peer_byol_and_previous_simclr_head.{json,md}: its SimCLR rows predate SimCLR's official last BatchNorm.
+The README's tables (each run writes experiments/results/bench/peer<tag>.{json,md}):
+
+    python experiments/bench/peer.py --methods simclr --seeds 0 1 2 3 --tag _concat \
+        --loop_from experiments/results/bench/peer_simclr_per_view_projector.json
+    python experiments/bench/peer.py --methods simclr --augments device --seeds 4 5 6 7 8 9 --tag _seeds4to9
+    python experiments/bench/peer.py --methods simclr --merge <the two JSONs above>              # -> peer.*
+    python experiments/bench/peer.py --methods byol --augments device --seeds 3 4 5 6 7 --tag _byol_seeds3to7
+    python experiments/bench/peer.py --methods byol --merge peer_byol_and_previous_simclr_head.json \
+        peer_byol_seeds3to7.json --tag _byol                                                     # -> peer_byol.*
+
+``--loop_from`` reuses the loop's rows of an earlier JSON (the loop is deterministic on a CPU; its timings
+then come from another moment, so the speed ratio is taken from the seeds whose loop ran in the same run).
+``--decay_all``, ``--center_shift`` and ``--lightly_views`` are experiments on the kNN difference: each makes
+ssl_lightning follow the loop in one place where the two differ (weight decay on every parameter; a shift in
+SimCLR's last BatchNorm; lightly's PIL transforms instead of torchvision's tensor ops).
 """
 from __future__ import annotations
 
@@ -81,12 +92,27 @@ def run_ours(method: str, seed: int, epochs: int, train_subset: int, eval_subset
 
 
 # ---- the peer: a plain loop from lightly's pieces (the same seeded subsets as SSLDataModule's) ---------
+def lightly_transform(method: str):
+    """lightly's PIL transform of the config's views: image -> [view 1, view 2]."""
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, SimCLRTransform
+
+    from ssl_lightning.data.datasets import DATASETS
+
+    spec = DATASETS.get("fashion_mnist")
+    norm = {"mean": list(spec.mean), "std": list(spec.std)}
+    if method == "simclr":  # experiments/fashion_mnist/simclr.yaml: scale 0.3-1, jitter 0.4/0.4/0.4/0.1, no blur
+        return SimCLRTransform(input_size=28, cj_strength=0.5, min_scale=0.3, gaussian_blur=0.0, normalize=norm)
+    # experiments/fashion_mnist/byol.yaml: scale 0.3-1, jitter 0.4/0.4/0.2/0.1, no blur, solarize 0 / 0.2
+    common = dict(input_size=28, min_scale=0.3, gaussian_blur=0.0, normalize=norm)
+    return BYOLTransform(BYOLView1Transform(**common, solarization_prob=0.0),
+                         BYOLView2Transform(**common, solarization_prob=0.2))
+
+
 def run_lightly(method: str, seed: int, epochs: int, train_subset: int, eval_subset: int, val_subset: int,
                 workers: int) -> dict:
     from lightly.loss import NegativeCosineSimilarity, NTXentLoss
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, SimCLRTransform
     from lightly.utils.scheduler import cosine_schedule
     from torchvision import transforms as T
 
@@ -96,19 +122,15 @@ def run_lightly(method: str, seed: int, epochs: int, train_subset: int, eval_sub
 
     torch.manual_seed(seed)
     spec = DATASETS.get("fashion_mnist")
-    norm = {"mean": list(spec.mean), "std": list(spec.std)}
     train, test = spec.load(spec.default_root, "train", False), spec.load(spec.default_root, "val", False)
     backbone = build_backbone("convnet", in_channels=1)
-    if method == "simclr":  # experiments/fashion_mnist/simclr.yaml: scale 0.3-1, jitter 0.4/0.4/0.4/0.1, no blur
-        transform = SimCLRTransform(input_size=28, cj_strength=0.5, min_scale=0.3, gaussian_blur=0.0, normalize=norm)
+    transform = lightly_transform(method)
+    if method == "simclr":
         batch, lr, wd = 128, 1.2 * 128 / 256, 5e-4
         heads = torch.nn.ModuleDict({"proj": SimCLRProjectionHead(256, 512, 128)})
         criterion = NTXentLoss(temperature=0.5)
         optimizer = torch.optim.SGD(list(backbone.parameters()) + list(heads.parameters()), lr=lr, momentum=0.9, weight_decay=wd)
-    else:  # experiments/fashion_mnist/byol.yaml: scale 0.3-1, jitter 0.4/0.4/0.2/0.1, no blur, solarize 0 / 0.2
-        common = dict(input_size=28, min_scale=0.3, gaussian_blur=0.0, normalize=norm)
-        transform = BYOLTransform(BYOLView1Transform(**common, solarization_prob=0.0),
-                                  BYOLView2Transform(**common, solarization_prob=0.2))
+    else:
         batch, lr, wd = 64, 2e-3 * 64 / 256, 1e-4
         heads = torch.nn.ModuleDict({"proj": BYOLProjectionHead(256, 512, 128), "pred": BYOLPredictionHead(128, 512, 128)})
         criterion = NegativeCosineSimilarity()
@@ -167,15 +189,37 @@ def decay_everything() -> None:
          "weight_decay": weight_decay, **extra}]
 
 
+def shift_simclr_head() -> None:
+    """Patches SimCLR's projector so that its last BatchNorm learns a shift, as lightly's
+    ``SimCLRProjectionHead`` does (the official head has none; an experiment, not a feature)."""
+    import ssl_lightning.methods.simclr as simclr
+
+    plain = simclr.mlp
+    simclr.mlp = lambda dims, **kw: plain(dims, **{**kw, "last_center": True})  # noqa: E731
+
+
+def use_lightly_views(method: str) -> None:
+    """Patches the per-image (``workers``) pipeline to make the views with lightly's PIL transform, the loop's
+    (an experiment on the kNN gap: PIL vs torchvision tensor ops; needs ``--augments workers``)."""
+    import ssl_lightning.data.datamodule as datamodule
+
+    transform = lightly_transform(method)
+    datamodule.MultiViewTransform = lambda views, mean, std: lambda image: transform(to_pil_image(image))  # noqa: E731
+
+
 def summarise(rows: list[dict], method: str, augment: str) -> dict:
     """Mean kNN of each side over seeds, the paired difference's mean and standard error, median speed ratio."""
-    pairs = [(r["ssl_lightning"][augment], r["lightly_loop"]) for r in rows if r["method"] == method]
+    rows = [r for r in rows if r["method"] == method and augment in r["ssl_lightning"]]
+    pairs = [(r["ssl_lightning"][augment], r["lightly_loop"]) for r in rows]
     diff = [o["knn_top1"] - q["knn_top1"] for o, q in pairs]
     se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    return {"method": method, "augment": augment, "seeds": len(pairs),
-            "speed_ratio": statistics.median(o["images_per_s"] / q["images_per_s"] for o, q in pairs),
-            "images_per_s": statistics.median(o["images_per_s"] for o, _ in pairs),
-            "lightly_images_per_s": statistics.median(q["images_per_s"] for _, q in pairs),
+    # speed from the seeds whose loop ran in the same run (a reused loop row was timed at another moment)
+    timed = [(r["ssl_lightning"][augment], r["lightly_loop"]) for r in rows if not r.get("loop_reused")]
+    reused, timed = not timed, timed or pairs
+    return {"method": method, "augment": augment, "seeds": len(pairs), "speed_seeds": len(timed), "loop_reused": reused,
+            "speed_ratio": statistics.median(o["images_per_s"] / q["images_per_s"] for o, q in timed),
+            "images_per_s": statistics.median(o["images_per_s"] for o, _ in timed),
+            "lightly_images_per_s": statistics.median(q["images_per_s"] for _, q in timed),
             "knn": statistics.mean(o["knn_top1"] for o, _ in pairs),
             "lightly_knn": statistics.mean(q["knn_top1"] for _, q in pairs),
             "knn_difference": statistics.mean(diff), "knn_difference_se": se}
@@ -197,11 +241,30 @@ def main() -> None:
                    "earlier peer JSON instead of running it again (the loop is deterministic on a CPU)")
     p.add_argument("--decay_all", action="store_true",
                    help="experiment: ssl_lightning decays every parameter, biases and norms too, as the loop does")
+    p.add_argument("--center_shift", action="store_true",
+                   help="experiment: SimCLR's last BatchNorm learns a shift, as in lightly's head")
+    p.add_argument("--lightly_views", action="store_true",
+                   help="experiment: the workers pipeline makes its views with lightly's PIL transform, as the loop")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: pool the rows of earlier peer JSONs (of --methods) into peer<tag>.{json,md}")
     a = p.parse_args()
+    if a.lightly_views and (a.augments != ["workers"] or len(a.methods) != 1):
+        p.error("--lightly_views patches the per-image pipeline of one method: use --augments workers --methods <one>")
     if a.decay_all:
         decay_everything()
+    if a.center_shift:
+        shift_simclr_head()
+    if a.lightly_views:
+        use_lightly_views(a.methods[0])
     sys.argv = sys.argv[:1]
     OUT.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        records = [json.loads(Path(f).read_text()) for f in a.merge]
+        rows = [{**r, "loop_reused": bool(r.get("loop_reused") or rec["settings"].get("loop_from"))}
+                for rec in records for r in rec["rows"] if r["method"] in a.methods]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        augments = [m for m in dict.fromkeys(m for r in rows for m in r["ssl_lightning"])]
+        return write(rows, methods, augments, records[0]["settings"], a.tag, f"merged from {' '.join(a.merge)}")
     extra = [f for arg in a.ours_args for f in arg.split()]
     sizes = (a.epochs, a.train_subset, a.eval_subset, a.val_subset, a.workers)
     reused = {(r["method"], r["seed"]): r["lightly_loop"]
@@ -211,36 +274,47 @@ def main() -> None:
         for seed in a.seeds:
             ours = {augment: run_ours(method, seed, *sizes, ["--data.augment", augment, *extra]) for augment in a.augments}
             peer = reused[method, seed] if a.loop_from else run_lightly(method, seed, *sizes)
-            rows.append({"method": method, "seed": seed, "ssl_lightning": ours, "lightly_loop": peer})
+            rows.append({"method": method, "seed": seed, "ssl_lightning": ours, "lightly_loop": peer,
+                         "loop_reused": bool(a.loop_from)})
             print(f"{method} seed {seed}: lightly loop {peer['images_per_s']:.0f} img/s kNN {peer['knn_top1']:.4f} | " +
                   " | ".join(f"ours [{m}] {o['images_per_s']:.0f} img/s kNN {o['knn_top1']:.4f}" for m, o in ours.items()),
                   flush=True)
-    summary = [summarise(rows, method, augment) for method in a.methods for augment in a.augments]
-    record = {"settings": vars(a), "torch_threads": torch.get_num_threads(), "rows": rows, "summary": summary,
-              "date": time.strftime("%Y-%m-%d")}
-    (OUT / f"peer{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| method | ssl_lightning pipeline | seeds | ssl_lightning img/s | lightly loop img/s | speed ratio | "
+    notes = [f"extra ssl_lightning flags: {' '.join(extra) or 'none'}"]
+    notes += ["experiment: ssl_lightning decays every parameter (--decay_all)"] * a.decay_all
+    notes += ["experiment: SimCLR head with a learned last-BN shift (--center_shift)"] * a.center_shift
+    notes += ["experiment: views from lightly PIL transform (--lightly_views)"] * a.lightly_views
+    notes += [f"lightly loop rows reused from {a.loop_from}"] * bool(a.loop_from)
+    write(rows, a.methods, a.augments, vars(a), a.tag, "; ".join(notes))
+
+
+def write(rows: list[dict], methods: list[str], augments: list[str], settings: dict, tag: str, notes: str) -> None:
+    """peer<tag>.json and peer<tag>.md: the summary per method and pipeline, then the seeds."""
+    summary = [summarise(rows, method, augment) for method in methods for augment in augments
+               if any(r["method"] == method and augment in r["ssl_lightning"] for r in rows)]
+    record = {"settings": settings, "torch_threads": torch.get_num_threads(), "rows": rows, "summary": summary,
+              "date": time.strftime("%Y-%m-%d"), "notes": notes}
+    (OUT / f"peer{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["| method | ssl_lightning pipeline | seeds | ssl_lightning img/s | lightly loop img/s | speed ratio (seeds) | "
              "kNN ssl_lightning | kNN lightly loop | kNN difference (+- s.e.) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['method']} | {r['augment']} | {r['seeds']} | {r['images_per_s']:.0f} | {r['lightly_images_per_s']:.0f} | "
-                     f"{r['speed_ratio']:.2f} | {r['knn']:.4f} | {r['lightly_knn']:.4f} | "
+                     f"{r['speed_ratio']:.2f} ({r['speed_seeds']}{', loop reused' if r['loop_reused'] else ''}) | {r['knn']:.4f} | {r['lightly_knn']:.4f} | "
                      f"{r['knn_difference']:+.4f} +- {r['knn_difference_se']:.4f} |")
-    per_seed = ["| method | seed | kNN lightly loop | " + " | ".join(f"kNN {m} | img/s {m}" for m in a.augments) +
-                " | img/s lightly loop |", "|---|---|---|" + "---|---|" * len(a.augments) + "---|"]
+    per_seed = ["| method | seed | kNN lightly loop | " + " | ".join(f"kNN {m} | img/s {m}" for m in augments) +
+                " | img/s lightly loop |", "|---|---|---|" + "---|---|" * len(augments) + "---|"]
     for r in rows:
+        ours = r["ssl_lightning"]
         per_seed.append(f"| {r['method']} | {r['seed']} | {r['lightly_loop']['knn_top1']:.4f} | " + " | ".join(
-            f"{r['ssl_lightning'][m]['knn_top1']:.4f} | {r['ssl_lightning'][m]['images_per_s']:.0f}" for m in a.augments) +
-            f" | {r['lightly_loop']['images_per_s']:.0f} |")
-    header = (f"Fashion-MNIST subset {a.train_subset}, {a.epochs} epochs, small ConvNet, {a.workers} loader workers, CPU "
-              f"({time.strftime('%Y-%m-%d')}); speed: median over seeds; kNN: mean over seeds; difference: ssl_lightning - "
-              f"lightly loop, paired by seed; extra ssl_lightning flags: {' '.join(extra) or 'none'}"
-              f"{'; experiment: ssl_lightning decays every parameter (--decay_all)' if a.decay_all else ''}"
-              f"{f'; lightly loop rows reused from {a.loop_from}' if a.loop_from else ''}")
+            f"{ours[m]['knn_top1']:.4f} | {ours[m]['images_per_s']:.0f}" if m in ours else "- | -" for m in augments) +
+            f" | {r['lightly_loop']['images_per_s']:.0f}{' (reused)' if r.get('loop_reused') else ''} |")
+    header = (f"Fashion-MNIST subset {settings['train_subset']}, {settings['epochs']} epochs, small ConvNet, "
+              f"{settings['workers']} loader workers, CPU ({time.strftime('%Y-%m-%d')}); speed: median over the seeds "
+              f"whose loop ran in the same run; kNN: mean over seeds; difference: ssl_lightning - lightly loop, paired "
+              f"by seed; {notes}")
     table = "\n".join(lines)
-    (OUT / f"peer{a.tag}.md").write_text(header + "\n\n" + table + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
+    (OUT / f"peer{tag}.md").write_text(header + "\n\n" + table + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     print(table)
     print("\n".join(per_seed))
-
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Does the batched on-device augmentation learn as well as the per-image one? SimCLR's learning check
+"""Does the batched on-device augmentation learn as well as the per-image one? SimCLR's learning-check setting
 (experiments/fashion_mnist/simclr.yaml, 5,000 images, 3 epochs) with data.augment workers and device
 over several seeds (the seed of the data order / augmentations and of the model's initialisation).
 
