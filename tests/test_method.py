@@ -96,6 +96,16 @@ def _plain_loop_recipe(params, batch: int, steps: int, epochs: int, lr: float, w
     return optimizer, schedule
 
 
+BATCH, STEPS, EPOCHS = 16, 3, 2
+
+
+def _batches_and_backbone_copy(model):
+    """Fixed random batches ``views[step] = (view 1, view 2)``, the backbone's start and its copy for the loop."""
+    views = torch.randn(STEPS, 2, BATCH, 1, 16, 16)
+    start = [p.detach().clone() for p in model.backbone.parameters()]
+    return views, start, copy.deepcopy(model.backbone).train()
+
+
 def _fit_on_batches(model, views: torch.Tensor, epochs: int) -> None:
     """Trains ``model`` through Lightning on the fixed batches ``views[step] = (view 1, view 2)``, in order."""
     batch = views.shape[2]
@@ -125,10 +135,8 @@ def test_simclr_training_equals_a_plain_loop_of_lightly_pieces():
     model = SimCLR(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=32,
                    proj_out=16, temperature=0.5, optimizer="sgd", lr=1.2, weight_decay=5e-4, momentum=0.9,
                    warmup_epochs=1)
-    batch, steps, epochs = 16, 3, 2
-    views = torch.randn(steps, 2, batch, 1, 16, 16)
-    start = [p.detach().clone() for p in model.backbone.parameters()]
-    backbone = copy.deepcopy(model.backbone).train()
+    batch, steps, epochs = BATCH, STEPS, EPOCHS
+    views, start, backbone = _batches_and_backbone_copy(model)
     head = SimCLRProjectionHead(model.backbone.num_features, 32, 16).train()
     head.layers.load_state_dict(model.projector.state_dict())  # the same layout: Linear, BN, ReLU, Linear, BN
     head.layers[-1].bias.requires_grad_(False)
@@ -163,10 +171,8 @@ def test_byol_training_equals_a_plain_loop_of_lightly_pieces():
     model = BYOL(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=32,
                  proj_out=16, pred_hidden=32, momentum_base=0.9, optimizer="sgd", lr=0.5, weight_decay=1e-4,
                  warmup_epochs=1)
-    batch, steps, epochs = 16, 3, 2
-    views = torch.randn(steps, 2, batch, 1, 16, 16)
-    start = [p.detach().clone() for p in model.backbone.parameters()]
-    backbone = copy.deepcopy(model.backbone).train()
+    batch, steps, epochs = BATCH, STEPS, EPOCHS
+    views, start, backbone = _batches_and_backbone_copy(model)
     proj = BYOLProjectionHead(model.backbone.num_features, 32, 16).train()
     pred = BYOLPredictionHead(16, 32, 16).train()
     proj.layers.load_state_dict(model.projector.state_dict())  # the same layouts: Linear, BN, ReLU, Linear
