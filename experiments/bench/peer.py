@@ -316,5 +316,6 @@ def write(rows: list[dict], methods: list[str], augments: list[str], settings: d
     print(table)
     print("\n".join(per_seed))
 
+
 if __name__ == "__main__":
     main()
