@@ -84,19 +84,19 @@ def test_simclr_projector_normalises_over_both_views():
 
 
 # ---- the framework's training = a plain PyTorch loop of lightly's pieces (the peer benchmark's loop) ------
-def _plain_loop_recipe(params, batch: int, steps: int, epochs: int, lr: float, weight_decay: float):
+BATCH, STEPS, EPOCHS = 16, 3, 2  # the fixed batches: STEPS of BATCH images per epoch
+
+
+def _plain_loop_recipe(params, lr: float, weight_decay: float):
     """SGD and the configs' schedule written plainly: weight decay on weights only, lr x batch / 256, warm-up
     for one epoch then cosine, stepped per batch."""
     groups = [{"params": [p for p in params if p.requires_grad and p.ndim > 1], "weight_decay": weight_decay},
               {"params": [p for p in params if p.requires_grad and p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=lr * batch / 256, momentum=0.9)
-    total = steps * epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / steps if s < steps else
-                                                 0.5 * (1 + math.cos(math.pi * (s - steps) / (total - steps))))
+    optimizer = torch.optim.SGD(groups, lr=lr * BATCH / 256, momentum=0.9)
+    total = STEPS * EPOCHS
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / STEPS if s < STEPS else
+                                                 0.5 * (1 + math.cos(math.pi * (s - STEPS) / (total - STEPS))))
     return optimizer, schedule
-
-
-BATCH, STEPS, EPOCHS = 16, 3, 2
 
 
 def _batches_and_backbone_copy(model):
@@ -106,13 +106,12 @@ def _batches_and_backbone_copy(model):
     return views, start, copy.deepcopy(model.backbone).train()
 
 
-def _fit_on_batches(model, views: torch.Tensor, epochs: int) -> None:
+def _fit_on_batches(model, views: torch.Tensor) -> None:
     """Trains ``model`` through Lightning on the fixed batches ``views[step] = (view 1, view 2)``, in order."""
-    batch = views.shape[2]
-    data = [([x0[i], x1[i]], 0, i) for x0, x1 in views for i in range(batch)]
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    data = [([x0[i], x1[i]], 0, i) for x0, x1 in views for i in range(BATCH)]
+    trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=batch))
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=BATCH))
 
 
 def _assert_same_parameters(pairs, start) -> None:
@@ -135,23 +134,21 @@ def test_simclr_training_equals_a_plain_loop_of_lightly_pieces():
     model = SimCLR(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=32,
                    proj_out=16, temperature=0.5, optimizer="sgd", lr=1.2, weight_decay=5e-4, momentum=0.9,
                    warmup_epochs=1)
-    batch, steps, epochs = BATCH, STEPS, EPOCHS
     views, start, backbone = _batches_and_backbone_copy(model)
     head = SimCLRProjectionHead(model.backbone.num_features, 32, 16).train()
     head.layers.load_state_dict(model.projector.state_dict())  # the same layout: Linear, BN, ReLU, Linear, BN
     head.layers[-1].bias.requires_grad_(False)
-    optimizer, schedule = _plain_loop_recipe([*backbone.parameters(), *head.parameters()], batch, steps, epochs,
-                                             1.2, 5e-4)
+    optimizer, schedule = _plain_loop_recipe([*backbone.parameters(), *head.parameters()], 1.2, 5e-4)
     criterion = NTXentLoss(temperature=0.5)
-    for _ in range(epochs):
-        for x0, x1 in views:
-            z0, z1 = head(backbone(torch.cat([x0, x1]))).chunk(2)
-            optimizer.zero_grad()
-            criterion(z0, z1).backward()
-            optimizer.step()
-            schedule.step()
+    for step in range(STEPS * EPOCHS):
+        x0, x1 = views[step % STEPS]
+        z0, z1 = head(backbone(torch.cat([x0, x1]))).chunk(2)
+        optimizer.zero_grad()
+        criterion(z0, z1).backward()
+        optimizer.step()
+        schedule.step()
 
-    _fit_on_batches(model, views, epochs)
+    _fit_on_batches(model, views)
     _assert_same_parameters([(model.backbone, backbone), (model.projector, head.layers)], start)
 
 
@@ -171,7 +168,6 @@ def test_byol_training_equals_a_plain_loop_of_lightly_pieces():
     model = BYOL(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, proj_hidden=32,
                  proj_out=16, pred_hidden=32, momentum_base=0.9, optimizer="sgd", lr=0.5, weight_decay=1e-4,
                  warmup_epochs=1)
-    batch, steps, epochs = BATCH, STEPS, EPOCHS
     views, start, backbone = _batches_and_backbone_copy(model)
     proj = BYOLProjectionHead(model.backbone.num_features, 32, 16).train()
     pred = BYOLPredictionHead(16, 32, 16).train()
@@ -179,24 +175,22 @@ def test_byol_training_equals_a_plain_loop_of_lightly_pieces():
     pred.layers.load_state_dict(model.predictor.state_dict())
     teacher_backbone, teacher_proj = copy.deepcopy(backbone), copy.deepcopy(proj)
     optimizer, schedule = _plain_loop_recipe([*backbone.parameters(), *proj.parameters(), *pred.parameters()],
-                                             batch, steps, epochs, 0.5, 1e-4)
-    criterion, total = NegativeCosineSimilarity(), steps * epochs
-    step = 0
-    for _ in range(epochs):
-        for x0, x1 in views:
-            p0, p1 = (pred(proj(backbone(x))) for x in (x0, x1))
-            with torch.no_grad():
-                t0, t1 = (teacher_proj(teacher_backbone(x)) for x in (x0, x1))
-            optimizer.zero_grad()
-            (2 * (criterion(p0, t1) + criterion(p1, t0))).backward()
-            optimizer.step()
-            schedule.step()
-            m = cosine_schedule(step, total + 1, 0.9, 1.0)  # max_steps - 1 = total: BYOL's cos(pi k / K)
-            update_momentum(backbone, teacher_backbone, m)
-            update_momentum(proj, teacher_proj, m)
-            step += 1
+                                             0.5, 1e-4)
+    criterion, total = NegativeCosineSimilarity(), STEPS * EPOCHS
+    for step in range(total):
+        x0, x1 = views[step % STEPS]
+        p0, p1 = (pred(proj(backbone(x))) for x in (x0, x1))
+        with torch.no_grad():
+            t0, t1 = (teacher_proj(teacher_backbone(x)) for x in (x0, x1))
+        optimizer.zero_grad()
+        (2 * (criterion(p0, t1) + criterion(p1, t0))).backward()
+        optimizer.step()
+        schedule.step()
+        m = cosine_schedule(step, total + 1, 0.9, 1.0)  # max_steps - 1 = total: BYOL's cos(pi k / K)
+        update_momentum(backbone, teacher_backbone, m)
+        update_momentum(proj, teacher_proj, m)
 
-    _fit_on_batches(model, views, epochs)
+    _fit_on_batches(model, views)
     _assert_same_parameters([(model.backbone, backbone), (model.projector, proj.layers), (model.predictor, pred.layers),
                              (model.teacher_backbone, teacher_backbone), (model.teacher_projector, teacher_proj.layers)],
                             start)
