@@ -263,7 +263,7 @@ def main() -> None:
         rows = [{**r, "loop_reused": bool(r.get("loop_reused") or rec["settings"].get("loop_from"))}
                 for rec in records for r in rec["rows"] if r["method"] in a.methods]
         methods = list(dict.fromkeys(r["method"] for r in rows))
-        augments = [m for m in dict.fromkeys(m for r in rows for m in r["ssl_lightning"])]
+        augments = list(dict.fromkeys(m for r in rows for m in r["ssl_lightning"]))
         return write(rows, methods, augments, records[0]["settings"], a.tag, f"merged from {' '.join(a.merge)}")
     extra = [f for arg in a.ours_args for f in arg.split()]
     sizes = (a.epochs, a.train_subset, a.eval_subset, a.val_subset, a.workers)
