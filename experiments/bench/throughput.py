@@ -2,14 +2,16 @@
 
 For each method (SimCLR, BYOL, SwAV multi-crop) with the same backbone, batch and views:
   (a) the limit: the bare backbone's forward + backward on fixed tensors of the method's view shapes
-      (views of one shape in one pass, as the methods run them), no data, no heads, no optimizer;
+      (views of one shape in one pass, as most methods run them; BYOL runs one pass per view), no data,
+      no heads, no optimizer;
   (m) the method's own compute on the same fixed tensors outside Lightning: backbone, heads, teacher,
       loss, backward and an SGD step (no data, augmentation, probe or logging);
   (b) the full training step through ssl_lightning: Trainer, loader, augmentation (per-image workers or
       batched on the device, ``--augment``), heads, loss, teacher, optimizer, online probe and logging;
-measured in training images per second after a warm-up. The headline is b / a; b / m isolates the
-framework's and the input pipeline's cost from the method's own extra compute (BYOL's teacher forward,
-heads, loss).
+measured in training images per second after a warm-up, all three in the same memory format
+(channels-last, ``model.channels_last``; ``--no-channels_last`` for the contiguous layout). The headline
+is b / a; b / m isolates the framework's and the input pipeline's cost from the method's own extra
+compute (BYOL's teacher forward, heads, loss).
 
 The speed of this shared 2-core machine drifts by up to 25% between minutes, so a, m and b are measured
 in ``--rounds`` interleaved rounds (b for each pipeline, then a and m right after) and each ratio is the
@@ -18,7 +20,15 @@ median over rounds of the ratio within a round; the table also gives the lowest 
     python experiments/bench/throughput.py                          # CPU, small ConvNet, Fashion-MNIST, batch 256
     python experiments/bench/throughput.py --dataset cifar10 --root <dir> --backbone resnet18 \
         --backbone_kwargs '{"cifar_stem": true}' --batch_size 512 --precision bf16-mixed --tag _gpu
-Writes experiments/results/bench/throughput<tag>.{json,md}.
+Writes experiments/results/bench/throughput<tag>.{json,md}. The README's figures come from
+    python experiments/bench/throughput.py --rounds 5 --steps 30                    # throughput.*
+    python experiments/bench/throughput.py --no-channels_last --tag _contiguous     # throughput_contiguous.* (*)
+    python experiments/bench/throughput.py --methods simclr byol --augment device [--no-channels_last] \
+        --tag _layout_{channels_last,contiguous}                                     # back to back
+    python experiments/bench/throughput.py --methods simclr --augment device --rounds 2 --backbone resnet18 \
+        --backbone_kwargs '{"cifar_stem": true}' --batch_size 64 --steps 6 --warmup 2 [--no-channels_last] \
+        --tag _layout_resnet18_{channels_last,contiguous}
+(*) measured before the switch existed, when the script ran contiguous on CPUs: the same layout.
 """
 from __future__ import annotations
 
@@ -82,7 +92,8 @@ def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, 
                 "--data.num_workers", str(a.workers), "--data.train_subset", str(a.batch_size * (a.warmup + a.steps)),
                 "--run_dir", run_dir, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.precision", a.precision, "--seed_everything", "0"]
+                "--trainer.num_sanity_val_steps", "0", "--trainer.precision", a.precision, "--seed_everything", "0",
+                "--model.init_args.channels_last", str(a.channels_last).lower()]
         if a.root:
             args += ["--data.root", a.root]
         if augment != "default":
@@ -104,8 +115,10 @@ def _view_shapes(dm) -> list[tuple[int, ...]]:
     return [(dm.in_channels, v.size, v.size) for v in dm.view_configs for _ in range(v.count)]
 
 
-def _fixed_inputs(a: argparse.Namespace, shapes: list[tuple[int, ...]], device: str) -> list[torch.Tensor]:
-    return [torch.randn(a.batch_size, *s, device=device) for s in shapes]
+def _fixed_inputs(a: argparse.Namespace, shapes: list[tuple[int, ...]], device: str, n: int = 1) -> list[torch.Tensor]:
+    """Random inputs of ``n`` times the batch for each shape, in the benchmark's memory format."""
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    return [torch.randn(n * a.batch_size, *s, device=device).contiguous(memory_format=fmt) for s in shapes]
 
 
 def _timed(step, a: argparse.Namespace, device: str) -> float:
@@ -137,11 +150,11 @@ def bare(a: argparse.Namespace, shapes: list[tuple[int, ...]]) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     net = build_backbone(a.backbone, in_channels=shapes[0][0], **json.loads(a.backbone_kwargs)).to(device)
-    net = net.to(memory_format=torch.channels_last) if device == "cuda" else net
+    net = net.to(memory_format=torch.channels_last) if a.channels_last else net
     groups: dict[tuple[int, ...], int] = {}
     for s in shapes:
         groups[s] = groups.get(s, 0) + 1
-    inputs = [torch.randn(n * a.batch_size, *s, device=device) for s, n in groups.items()]
+    inputs = [x for s, n in groups.items() for x in _fixed_inputs(a, [s], device, n)]
 
     def step() -> None:
         with _autocast(a, device):
@@ -182,6 +195,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--precision", default="32-true")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last model and inputs for a, m and b alike (model.channels_last)")
     p.add_argument("--augment", nargs="+", default=["workers", "device"], help="pipelines to measure")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
@@ -233,7 +248,8 @@ def main() -> None:
                      f"{r['model_images_per_s']:.0f} | {r['ratio_to_model']:.2f} ({span(r['ratio_to_model_range'])}) | "
                      f"{r['peak_gpu_gib']:.2f} |")
     table = "\n".join(lines)
-    header = (f"{device}; {a.dataset}, backbone {a.backbone}, batch {a.batch_size}, {a.precision}, {a.workers} workers, "
+    header = (f"{device}; {a.dataset}, backbone {a.backbone}, batch {a.batch_size}, {a.precision}, "
+              f"{'channels-last' if a.channels_last else 'contiguous'}, {a.workers} workers, "
               f"{a.steps} timed steps after {a.warmup}, medians of {a.rounds} interleaved rounds ({time.strftime('%Y-%m-%d')})")
     (OUT / f"throughput{a.tag}.md").write_text(header + "\n\n" + table + "\n")
     print(header)
