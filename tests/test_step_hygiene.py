@@ -88,3 +88,16 @@ def test_channels_last_and_compile_switches(tmp_path) -> None:
     compiled = SimCLR(backbone="convnet", in_channels=1, num_classes=0, compile=True)
     assert compiled.backbone._compiled_call_impl is not None  # compiled in place ...
     assert list(compiled.state_dict()) == list(plain.state_dict())  # ... so checkpoints keep their keys
+
+
+def test_channels_last_trains_like_the_contiguous_layout(tmp_path) -> None:
+    """The layout changes only the memory order: the same 3 steps end at the same weights (rounding aside)."""
+    states = []
+    for i, flag in enumerate(["false", "true"]):
+        cli = _cli("simclr", tmp_path / str(i), "--model.init_args.channels_last", flag, "--data.augment", "device")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        states.append(cli.model.state_dict())
+    contiguous, channels_last = states
+    assert list(contiguous) == list(channels_last)
+    for name, value in contiguous.items():
+        torch.testing.assert_close(channels_last[name], value, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
