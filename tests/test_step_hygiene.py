@@ -74,30 +74,29 @@ def test_training_step_reads_nothing_back_from_the_device(method: str, tmp_path)
     assert counter.reads == [], f"{method}'s training step read values back from the device: {counter.reads}"
 
 
-def test_channels_last_and_compile_switches(tmp_path) -> None:
-    cli = _cli("simclr", tmp_path, "--model.init_args.channels_last", "true", "--data.augment", "device")
-    seen = []
-    cli.trainer.callbacks.append(type("Seen", (L.Callback,), {"on_train_batch_end": lambda self, tr, pl, out, batch, i:
-                                                               seen.append(batch[0][0].shape)})())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+def test_channels_last_switch_trains_like_the_contiguous_layout(tmp_path) -> None:
+    """``channels_last`` puts the model in that layout and changes only the memory order: the same 3 steps
+    end at the same weights as with the contiguous layout (rounding aside)."""
+    states = []
+    for flag in ["false", "true"]:  # the last run, checked for its layout below, is the channels-last one
+        cli = _cli("simclr", tmp_path / flag, "--model.init_args.channels_last", flag, "--data.augment", "device")
+        seen = []
+        cli.trainer.callbacks.append(type("Seen", (L.Callback,), {"on_train_batch_end": lambda self, tr, pl, out, batch, i:
+                                                                   seen.append(batch[0][0].shape)})())
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert seen and all(s == (16, 1, 28, 28) for s in seen)
+        states.append(cli.model.state_dict())
     conv = next(m for m in cli.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert seen and all(s == (16, 1, 28, 28) for s in seen)
+    contiguous, channels_last = states
+    assert list(contiguous) == list(channels_last)
+    for name, value in contiguous.items():
+        torch.testing.assert_close(channels_last[name], value, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_switch_keeps_the_state_dict_keys() -> None:
     from ssl_lightning.methods import SimCLR
     plain = SimCLR(backbone="convnet", in_channels=1, num_classes=0)
     compiled = SimCLR(backbone="convnet", in_channels=1, num_classes=0, compile=True)
     assert compiled.backbone._compiled_call_impl is not None  # compiled in place ...
     assert list(compiled.state_dict()) == list(plain.state_dict())  # ... so checkpoints keep their keys
-
-
-def test_channels_last_trains_like_the_contiguous_layout(tmp_path) -> None:
-    """The layout changes only the memory order: the same 3 steps end at the same weights (rounding aside)."""
-    states = []
-    for i, flag in enumerate(["false", "true"]):
-        cli = _cli("simclr", tmp_path / str(i), "--model.init_args.channels_last", flag, "--data.augment", "device")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        states.append(cli.model.state_dict())
-    contiguous, channels_last = states
-    assert list(contiguous) == list(channels_last)
-    for name, value in contiguous.items():
-        torch.testing.assert_close(channels_last[name], value, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
