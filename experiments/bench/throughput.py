@@ -16,6 +16,7 @@ compute (BYOL's teacher forward, heads, loss).
 The speed of this shared 2-core machine drifts by up to 25% between minutes, so a, m and b are measured
 in ``--rounds`` interleaved rounds (b for each pipeline, then a and m right after) and each ratio is the
 median over rounds of the ratio within a round; the table also gives the lowest and highest.
+``ceiling.py`` measures m / a without that drift (each part of the step timed one step at a time, in turn).
 
     python experiments/bench/throughput.py                          # CPU, small ConvNet, Fashion-MNIST, batch 256
     python experiments/bench/throughput.py --dataset cifar10 --root <dir> --backbone resnet18 \
@@ -113,6 +114,11 @@ def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, 
 
 def _view_shapes(dm) -> list[tuple[int, ...]]:
     return [(dm.in_channels, v.size, v.size) for v in dm.view_configs for _ in range(v.count)]
+
+
+def views_label(shapes: list) -> str:
+    """``[(1, 28, 28), (1, 28, 28), (1, 12, 12)]`` -> ``"2x28 + 1x12"``."""
+    return " + ".join(f"{sum(1 for v in shapes if tuple(v) == s)}x{s[-1]}" for s in dict.fromkeys(map(tuple, shapes)))
 
 
 def _fixed_inputs(a: argparse.Namespace, shapes: list[tuple[int, ...]], device: str, n: int = 1) -> list[torch.Tensor]:
@@ -242,7 +248,7 @@ def main() -> None:
              "method on fixed tensors img/s (m) | b / m (range) | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
     span = lambda r: f"{r[0]:.2f}-{r[1]:.2f}"  # noqa: E731
     for r in rows:
-        views = " + ".join(f"{sum(1 for v in r['views'] if tuple(v) == s)}x{s[-1]}" for s in {tuple(v): 0 for v in r["views"]})
+        views = views_label(r["views"])
         lines.append(f"| {r['method']} | {r['augment']} | {views} | {r['framework_images_per_s']:.0f} | "
                      f"{r['bare_images_per_s']:.0f} | {r['ratio']:.2f} ({span(r['ratio_range'])}) | "
                      f"{r['model_images_per_s']:.0f} | {r['ratio_to_model']:.2f} ({span(r['ratio_to_model_range'])}) | "
