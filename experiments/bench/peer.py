@@ -20,6 +20,8 @@ The README's tables (each run writes experiments/results/bench/peer<tag>.{json,m
     python experiments/bench/peer.py --methods byol --augments device --seeds 3 4 5 6 7 --tag _byol_seeds3to7
     python experiments/bench/peer.py --methods byol --merge peer_byol_and_previous_simclr_head.json \
         peer_byol_seeds3to7.json --tag _byol                                                     # -> peer_byol.*
+    python experiments/bench/peer.py --methods simclr --augments device --seeds 0 1 2 3 4 5 6 7 8 9 \
+        --decay_all --center_shift --loop_from experiments/results/bench/peer.json --tag _same_recipe
 
 ``--loop_from`` reuses the loop's rows of an earlier JSON (the loop is deterministic on a CPU; its timings
 then come from another moment, so the speed ratio is taken from the seeds whose loop ran in the same run).
