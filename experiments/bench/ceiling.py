@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import METHODS, OUT, _fixed_inputs, framework, views_label  # noqa: E402
+from throughput import OUT, _fixed_inputs, framework, setup_arguments, views_label  # noqa: E402
 
 
 def parts(model, views: list[torch.Tensor], index: torch.Tensor, fmt: torch.memory_format) -> dict:
@@ -93,13 +93,7 @@ def measure(method: str, a: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--root", default=None)
-    p.add_argument("--backbone", default="convnet")
-    p.add_argument("--backbone_kwargs", default="{}")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    setup_arguments(p)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=60, help="timed steps of each part, in turn")
     p.add_argument("--tag", default="")

@@ -191,18 +191,23 @@ def model_limit(a: argparse.Namespace, model: L.LightningModule, shapes: list[tu
     return _timed(step, a, device)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that fix what is measured: methods, data, backbone, batch and memory format."""
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--root", default=None)
     p.add_argument("--backbone", default="convnet")
     p.add_argument("--backbone_kwargs", default="{}")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", default="32-true")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last model and inputs for a, m and b alike (model.channels_last)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    setup_arguments(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--precision", default="32-true")
     p.add_argument("--augment", nargs="+", default=["workers", "device"], help="pipelines to measure")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
