@@ -32,16 +32,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import OUT, _fixed_inputs, framework, setup_arguments, views_label  # noqa: E402
+from throughput import OUT, _fixed_inputs, framework, one_pass_inputs, setup_arguments, views_label  # noqa: E402
 
 
-def parts(model, views: list[torch.Tensor], index: torch.Tensor, fmt: torch.memory_format) -> dict:
-    """One callable per part of the step (``teacher`` is None for a method without one)."""
+def parts(model, views: list[torch.Tensor], batched: list[torch.Tensor], index: torch.Tensor) -> dict:
+    """One callable per part of the step (``teacher`` is None for a method without one); ``batched`` are
+    a's inputs, the views of each shape in one batch."""
     net = model.backbone
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for v in views:
-        groups.setdefault(tuple(v.shape), []).append(v)
-    batched = [torch.cat(vs).contiguous(memory_format=fmt) for vs in groups.values()]  # cat outside the timing
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("probe")]
     opt = torch.optim.SGD(params, lr=1e-6)
 
@@ -70,8 +67,8 @@ def measure(method: str, a: argparse.Namespace) -> dict:
     _, shapes, _, model = framework(method, build, "device")
     model = model.cpu().train()
     views = _fixed_inputs(a, shapes, "cpu")
-    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
-    calls = {k: f for k, f in parts(model, views, torch.arange(a.batch_size), fmt).items() if f is not None}
+    batched = one_pass_inputs(a, shapes, "cpu")
+    calls = {k: f for k, f in parts(model, views, batched, torch.arange(a.batch_size)).items() if f is not None}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for i in range(a.warmup + a.steps):
         for name, call in calls.items():

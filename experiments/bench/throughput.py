@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -127,6 +128,12 @@ def _fixed_inputs(a: argparse.Namespace, shapes: list[tuple[int, ...]], device: 
     return [torch.randn(n * a.batch_size, *s, device=device).contiguous(memory_format=fmt) for s in shapes]
 
 
+def one_pass_inputs(a: argparse.Namespace, shapes: list[tuple[int, ...]], device: str) -> list[torch.Tensor]:
+    """The bare backbone's fixed inputs: the views of each shape stacked into one batch (one pass per shape)."""
+    counts = Counter(map(tuple, shapes))
+    return [x for s, n in counts.items() for x in _fixed_inputs(a, [s], device, n)]
+
+
 def _timed(step, a: argparse.Namespace, device: str) -> float:
     """Images per second of ``step``: the median of ``a.repeats`` timings of ``a.steps`` steps after a warm-up."""
     for _ in range(a.warmup):
@@ -157,10 +164,7 @@ def bare(a: argparse.Namespace, shapes: list[tuple[int, ...]]) -> float:
     torch.manual_seed(0)
     net = build_backbone(a.backbone, in_channels=shapes[0][0], **json.loads(a.backbone_kwargs)).to(device)
     net = net.to(memory_format=torch.channels_last) if a.channels_last else net
-    groups: dict[tuple[int, ...], int] = {}
-    for s in shapes:
-        groups[s] = groups.get(s, 0) + 1
-    inputs = [x for s, n in groups.items() for x in _fixed_inputs(a, [s], device, n)]
+    inputs = one_pass_inputs(a, shapes, device)
 
     def step() -> None:
         with _autocast(a, device):
