@@ -27,9 +27,9 @@ TINY = dict(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num
 NORM_FREE = dict(TINY, backbone_kwargs={"width": 8, "norm": "none"})
 
 
-def _views(n: int, seed: int = 0, image: int = 16) -> list[torch.Tensor]:
+def _views(n: int, seed: int = 0, image: int = 16, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 1, image, image, generator=g) for _ in range(2)]
+    return [torch.randn(n, 1, image, image, generator=g, dtype=dtype) for _ in range(2)]
 
 
 # ---- losses: plain transcriptions ------------------------------------------------------------------------
@@ -197,7 +197,7 @@ GRAD_ATOL, GRAD_RTOL = 1e-7, 1e-5
 def build_moco(**kwargs) -> MoCoV2:
     torch.manual_seed(0)
     model = MoCoV2(**NORM_FREE, queue_size=16, proj_hidden=16, proj_out=8, **kwargs)
-    return model  # v2's head is norm-free already
+    return model.double()  # v2's head is norm-free already; float64: DDP's sums in another order stay within tolerance
 
 
 def build_mocov3() -> MoCoV3:
@@ -207,17 +207,17 @@ def build_mocov3() -> MoCoV3:
     model.predictor = mlp([8, 16, 8], norm="none")
     model.momentum_backbone = momentum_copy(model.backbone)
     model.momentum_projector = momentum_copy(model.projector)
-    return model
+    return model.double()  # float64, as build_moco
 
 
 def _ddp_steps(model: nn.Module, init: Path, rank: int) -> dict:
     """Two loss evaluations on this rank's shard: the first backpropagated through DDP, the second
     (another batch) reads the queue the first one filled."""
     sl = slice(rank * B, (rank + 1) * B)
-    views = [v[sl] for v in _views(WORLD * B, seed=1)]
+    views = [v[sl] for v in _views(WORLD * B, seed=1, dtype=torch.float64)]
     loss = ddp_loss_backward(model, init, views, torch.arange(WORLD * B)[sl])
     with torch.no_grad():
-        views2 = [v[sl] for v in _views(WORLD * B, seed=2)]
+        views2 = [v[sl] for v in _views(WORLD * B, seed=2, dtype=torch.float64)]
         loss2 = model.loss(model.forward_views(views2), views2, None)
     return {"loss": loss, "loss2": loss2, "grads": grads(model),
             "state": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("queue.")}}
@@ -244,10 +244,11 @@ def ddp(tmp_path_factory):
 
 
 def _reference(model: nn.Module) -> dict:
-    loss = model.loss(model.forward_views(_views(WORLD * B, seed=1)), _views(WORLD * B, seed=1), None)
+    views, views2 = (_views(WORLD * B, seed=s, dtype=torch.float64) for s in (1, 2))
+    loss = model.loss(model.forward_views(views), views, None)
     loss.backward()
     with torch.no_grad():
-        loss2 = model.loss(model.forward_views(_views(WORLD * B, seed=2)), _views(WORLD * B, seed=2), None)
+        loss2 = model.loss(model.forward_views(views2), views2, None)
     return {"loss": loss, "loss2": loss2, "grads": grads(model),
             "state": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("queue.")}}
 
