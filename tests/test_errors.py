@@ -2,6 +2,7 @@
 and the CLI turns it into a single ``error: ...`` line with exit code 2."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 import warnings
@@ -179,6 +180,63 @@ def test_bad_image_in_a_worker_keeps_type_and_message(bad_folders):
         list(loader)
     line = _user_message(info.value)
     assert line.startswith("Cannot read image") and str(bad) in line and "\n" not in line
+
+
+# ---- unreadable images found before a run: check-data ---------------------------------------------------------------
+def run_check(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["ssl-lightning"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args=["check-data", *args])
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_check_data_lists_bad_files_and_counts(bad_folders, tmp_path, capsys, monkeypatch):
+    """A truncated PNG and a text file named .jpg: both listed (decoding, not just the header), exit 1; the
+    counts per class include them; the JSON report says the same."""
+    folder, (truncated, text) = bad_folders["labelled"]
+    report = tmp_path / "report.json"
+    code, out, _ = run_check(["--data.dataset", "image_folder", "--data.root", str(folder), "--workers", "2",
+                              "--output", str(report)], capsys, monkeypatch)
+    assert code == 1, out
+    lines = out.splitlines()
+    assert f"train (pretraining, kNN bank and probes): 7 images, {folder / 'train'}" in lines
+    assert "  per class   a 4, b 3" in lines and "  unreadable  2" in lines
+    assert f"    {truncated}: OSError: image file is truncated" in lines
+    assert any(line.startswith(f"    {text}: UnidentifiedImageError") for line in lines)
+    assert "  width       min 32 / median 32 / max 32 px" in lines  # the 5 readable train images
+    assert "  modes       RGB 5" in lines
+    assert f"val (validation): 2 images, {folder / 'val'}" in lines and "  unreadable  0" in lines
+    assert lines[-2].startswith("bad files: 2: remove or replace them, or set data.on_bad_image: skip")
+    data = json.loads(report.read_text())
+    train, val = data["splits"]
+    assert data["bad_files"] == 2 and data["images"] == 9
+    assert {b["path"] for b in train["bad"]} == {str(truncated), str(text)} and val["bad"] == []
+    assert train["classes"] == {"a": 4, "b": 3} and val["classes"] == {"a": 1, "b": 1}
+    assert train["width"] == {"min": 32, "median": 32, "max": 32} and train["modes"] == {"RGB": 5}
+
+
+def test_check_data_clean_folder_config_and_arrays(tmp_path, bad_folders, capsys, monkeypatch):
+    """A fit config's data: section is read (later flags win); a clean folder and arrays exit 0."""
+    good = standins.write_image_folder(tmp_path / "good", ["x", "y"], train_per_class=2, val_per_class=1)
+    config = tmp_path / "fit.yaml"
+    config.write_text(f"model:\n  class_path: SimCLR\ndata:\n  dataset: image_folder\n  root: {good}\n"
+                      "  batch_size: 8\n  num_workers: 0\n")
+    code, out, _ = run_check(["--config", str(config), "--workers", "1"], capsys, monkeypatch)
+    assert code == 0, out
+    assert "  per class   x 2, y 2" in out and out.splitlines()[-1] == "bad files: 0"
+    code, out, _ = run_check(["--config", str(config), "--data.root", str(bad_folders["labelled"][0])], capsys,
+                             monkeypatch)
+    assert code == 1 and "bad files: 2" in out
+    code, out, _ = run_check(["--data.dataset", "synthetic", "--data.dataset_options", "{size: 12, num_classes: 2}"],
+                             capsys, monkeypatch)
+    assert code == 0, out
+    assert "train (pretraining, kNN bank and probes): 12 images, in-memory arrays: nothing can be unreadable" in out
+    assert "  width       min 32 / median 32 / max 32 px" in out and "  modes       RGB 12" in out
+    assert "unreadable" not in out.replace("nothing can be unreadable", "")
+    code, _, err = run_check(["--config", str(tmp_path / "missing.yaml")], capsys, monkeypatch)
+    assert code == 2 and "missing.yaml" in err and "does not exist" in err
 
 
 # ---- unreadable images met during a run: data.on_bad_image -----------------------------------------------------------
