@@ -3,6 +3,7 @@
     ssl-lightning fit --config experiments/fashion_mnist/simclr.yaml
     ssl-lightning fit --config runs/<run>/config.yaml --ckpt_path runs/<run>/checkpoints/last.ckpt
     ssl-lightning validate --config ... --ckpt_path ...
+    ssl-lightning check-data --config experiments/...yaml   (reads every image first: ssl_lightning.data.check)
 
 Every run writes into ``--run_dir`` (default ``runs/<method>-<dataset>-<time>``): the resolved
 ``config.yaml``, ``checkpoints/`` and the logger's files (W&B offline runs, CSV, TensorBoard): a
@@ -183,9 +184,14 @@ def main(args: list[str] | None = None) -> None:
             from ssl_lightning.evaluation.cli import main as evaluate
 
             evaluate(argv)
+        elif argv[:1] == ["check-data"]:
+            from ssl_lightning.data.check import main as check_data
+
+            sys.exit(check_data(argv[1:]))
         else:
             if argv[:1] in (["-h"], ["--help"]):
-                print(f"Evaluation commands: {', '.join(EVAL_COMMANDS)} (ssl-lightning <command> --help)\n")
+                print(f"Evaluation commands: {', '.join(EVAL_COMMANDS)}; reading every image before a run: "
+                      "check-data (ssl-lightning <command> --help)\n")
             SSLCLI(args=args)
     except SSLError as err:
         print(f"error: {_user_message(err)}", file=sys.stderr)

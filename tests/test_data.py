@@ -2,7 +2,9 @@
 generated stand-ins for the others), view presets, evaluation loaders and reproducibility."""
 from __future__ import annotations
 
+import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +53,9 @@ CASES = {
     "cifar100": ("cifar100", "cifar", {}, 3, 32, 32, 100, False),
     "stl10": ("stl10", "stl", {}, 3, 96, 96, 10, True),
     "imagenet100_class_list": ("imagenet100", "imagenet", {"class_list": "class_list"}, 3, 224, 224, 3, False),
-    "image_folder": ("image_folder", "imagenet", {}, 3, 224, 224, 5, False),
-    "image_folder_flat": ("image_folder", "flat", {}, 3, 224, 224, 0, True),
+    # image folders are sized from their images (shorter sides 32-40 px: 32); ImageNet's recipe stays 224
+    "image_folder": ("image_folder", "imagenet", {}, 3, 32, 32, 5, False),
+    "image_folder_flat": ("image_folder", "flat", {}, 3, 32, 32, 0, True),
     "synthetic": ("synthetic", None, {"size": 48}, 3, 32, 32, 10, False),
 }
 
@@ -310,7 +313,7 @@ def test_byol_preset_per_view_settings():
 
 
 def test_byol_preset_in_the_pipelines(roots):
-    big = make_dm("image_folder", roots, views="byol")
+    big = make_dm("imagenet100_class_list", roots, views="byol")
     big.setup("fit")
     pipes = big.pretrain_set.transform.pipelines
     assert [_blur_p(p) for p in pipes] == [1.0, 0.1] and [_solarize_p(p) for p in pipes] == [0.0, 0.2]
@@ -340,3 +343,80 @@ def test_custom_view_list_gets_dataset_size(roots):
     dm.setup("fit")
     views, _, _ = first_batch(dm)
     assert [tuple(v.shape[-2:]) for v in views] == [(32, 32)] * 3 + [(12, 12)]
+
+
+# ---- image folders are sized from their images ------------------------------------------------------------------
+def _folder(root: Path, size: tuple[int, int], n: int = 20) -> Path:
+    """``n`` PNGs of ``size`` (width, height) in two class folders, and a val split of 2 per class."""
+    for split, count in (("train", n // 2), ("val", 2)):
+        for c in ("a", "b"):
+            for i in range(count):
+                standins.write_image(root / split / c / f"{c}_{i}.png", size, seed=i)
+    return root
+
+
+def _folder_dm(root: Path, **kwargs) -> SSLDataModule:
+    kwargs = {"batch_size": 4, "num_workers": 0, "pin_memory": False, "eval_batch_size": 8, **kwargs}
+    return SSLDataModule(dataset="image_folder", root=str(root), **kwargs)
+
+
+RANK_ZERO = "lightning.pytorch.utilities.rank_zero"
+
+
+@pytest.mark.parametrize("size,expected", [((32, 32), 32), ((40, 30), 28), ((300, 260), 224)])
+def test_image_folder_size_from_the_data(tmp_path, caplog, recwarn, size, expected):
+    """The largest common size not above the median shorter side (224 at most), printed once; the views,
+    the device path's load size and the evaluation transform use it exactly as a given size."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger=RANK_ZERO)
+    root = _folder(tmp_path / "imgs", size)
+    dm = _folder_dm(root, views="byol")
+    assert caplog.records == []  # nothing is read before the size is needed
+    dm.setup("fit")
+    assert dm.image_size == expected
+    lines = [r.getMessage() for r in caplog.records if "image_size" in r.getMessage()]
+    assert lines == [f"[ssl_lightning] image_size {expected} from the data (median shorter side {min(size)} px of "
+                     f"20 images); set data.image_size to override"]
+    given = _folder_dm(root, views="byol", image_size=expected)
+    assert dm.view_configs == given.view_configs == view_preset("byol", expected)
+    views, _, _ = first_batch(dm)
+    assert [v.shape[-1] for v in views] == [expected, expected]
+    images, _ = next(iter(dm.val_dataloader()[1]))
+    assert images.shape[-2:] == (expected, expected)
+    device = _folder_dm(root, augment="device")
+    assert device.load_size == round(expected / 0.875) == given.load_size
+    device.setup("fit")
+    assert device.pretrain_set[(0, 1)][0].shape == (3, device.load_size, device.load_size)
+    assert not [w for w in recwarn if "upsample" in str(w.message)]
+
+
+def test_image_folder_upsampling_warning_and_given_size(tmp_path):
+    """A given image_size is kept, with a warning when crops upsample the images more than 2x."""
+    root = _folder(tmp_path / "imgs", (32, 32))
+    dm = _folder_dm(root, image_size=224)
+    with pytest.warns(UserWarning, match=r"224 px crops upsample the images 7\.0x \(median shorter side 32 px of "
+                                         r"20 images\).*data.image_size .* to about 32"):
+        dm.setup("fit")
+    assert dm.image_size == 224 and [v.size for v in dm.view_configs] == [224]
+    views = _folder_dm(root, image_size=32, views=[ViewConfig(count=2), ViewConfig(size=96, count=1)])
+    with pytest.warns(UserWarning, match="96 px crops upsample the images 3.0x"):  # view sizes count too
+        views.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _folder_dm(root, image_size=64).setup("fit")  # 2x: no warning
+
+
+def test_image_sides_sample_is_seeded(tmp_path):
+    from ssl_lightning.data.folder import ImageFolderDataset
+    from ssl_lightning.data.image_size import image_sides, size_for
+
+    root = tmp_path / "mixed"
+    for i in range(12):
+        standins.write_image(root / f"{i:02d}.png", (20 + 4 * i, 100), seed=i)
+    ds = ImageFolderDataset(root)
+    a, b = image_sides(ds, sample=5), image_sides(ds, sample=5)
+    assert a == b and a.count == 5 and a.sampled and "of 5 sampled images" in a.describe()
+    assert image_sides(ds, sample=5, seed=1) != a  # another sample
+    assert image_sides(ds).median == statistics.median(20 + 4 * i for i in range(12))
+    assert [size_for(s) for s in (5, 8, 27, 28, 63, 64, 223, 224, 1000)] == [8, 8, 24, 28, 48, 64, 192, 224, 224]

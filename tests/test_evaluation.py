@@ -306,3 +306,25 @@ def test_data_and_settings_errors_name_the_fix(tmp_path):
     backbone.num_features = 4
     with pytest.raises(SSLError, match="Unknown schedule 'linear'"):
         Classifier(backbone, 2, schedule="linear")
+
+
+def test_on_bad_image_follows_the_run(tmp_path):
+    """The evaluation commands take the run's data.on_bad_image (skip: the kNN bank keeps its size)."""
+    import standins
+
+    from ssl_lightning.evaluation.data import eval_splits, resolve_data
+
+    run = {"checkpoint": "last.ckpt", "data": {"dataset": "image_folder", "on_bad_image": "skip"}}
+    assert resolve_data(EvalData(), run).on_bad_image == "skip"
+    assert resolve_data(EvalData(on_bad_image="error"), run).on_bad_image == "error"
+    assert resolve_data(EvalData(dataset="cifar10"), run).on_bad_image is None  # another dataset: not the run's
+    root = standins.write_image_folder(tmp_path / "folder", classes=["a", "b"], train_per_class=2, val_per_class=1)
+    standins.write_corrupt_image(root / "train" / "b" / "b_9.jpg")
+    splits = eval_splits(EvalData(dataset="image_folder", root=str(root), eval_batch_size=8, num_workers=0,
+                                  on_bad_image="skip"), 3)
+    with pytest.warns(UserWarning, match="b_9.jpg"):
+        images, labels = next(iter(splits.loader(splits.train_set(augment=False), train=False)))
+    assert images.shape[0] == 5 and labels.tolist() == [0, 0, 1, 1, 0]  # b_9 -> the next readable: a's first
+    strict = eval_splits(EvalData(dataset="image_folder", root=str(root), eval_batch_size=8, num_workers=0), 3)
+    with pytest.raises(SSLError, match="b_9.jpg"):
+        next(iter(strict.loader(strict.train_set(augment=False), train=False)))

@@ -20,12 +20,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_lightning import distributed
 from ssl_lightning.data.batch_views import BatchMultiView
 from ssl_lightning.data.datasets import DATASETS, DatasetSpec
+from ssl_lightning.data.folder import ImageFolderDataset
+from ssl_lightning.data.image_size import ImageSides, image_sides, size_for, upsampling_warning
 from ssl_lightning.data.sampler import SeededSampler
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, eval_transform, view_preset
 from ssl_lightning.registry import SSLError
@@ -112,7 +115,9 @@ class SSLDataModule(L.LightningDataModule):
         download: fetch through torchvision when the files are missing.
         batch_size: images per process and step.
         views: a preset name (``simclr``, ``byol``, ``multicrop``) or a list of :class:`ViewConfig`.
-        image_size: crop size of the global views (default: the dataset's).
+        image_size: crop size of the global views (default: the dataset's; ``image_folder``: from the
+            images, the largest common size not above their median shorter side, see
+            :mod:`ssl_lightning.data.image_size`). Crops over 2x the images' shorter side are warned about.
         train_subset / eval_subset / val_subset: use a seeded random subset of that many images of
             the pretraining set, of the un-augmented training set (kNN bank) and of the validation set.
         dataset_options: extra keyword arguments of the dataset loader (``class_list`` for folders,
@@ -124,6 +129,9 @@ class SSLDataModule(L.LightningDataModule):
             (shorter side) and centre-cropped to this side, default ``image_size / 0.875`` (256 for 224),
             and crops are drawn from that square -- an approximation: the per-image pipeline crops the
             whole original image, borders of non-square images included.
+        on_bad_image: an unreadable image file: ``"error"`` stops with an error naming it; ``"skip"``
+            warns (once per file and process) and uses the next readable image, ``(i + 1) % n``, so that
+            batches keep their size. ``ssl-lightning check-data`` lists them all before a run.
     """
 
     def __init__(
@@ -145,6 +153,7 @@ class SSLDataModule(L.LightningDataModule):
         dataset_options: dict[str, Any] | None = None,
         augment: Literal["workers", "device"] = "workers",
         load_size: int | None = None,
+        on_bad_image: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         self.spec: DatasetSpec = DATASETS.get(dataset)
@@ -152,19 +161,23 @@ class SSLDataModule(L.LightningDataModule):
         self.root = root or self.spec.default_root
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.options = dict(dataset_options or {})
-        self.image_size = image_size or self.options.get("image_size", self.spec.image_size)
-        self.view_configs = views if isinstance(views, list) else view_preset(views, self.image_size, num_local_crops)
-        self.view_configs = [v if v.size else replace(v, size=self.image_size) for v in self.view_configs]
+        # None: image folders, sized from their images when first needed (image_size, view_configs, load_size)
+        self.given_image_size = image_size or self.options.get("image_size", self.spec.image_size)
+        if isinstance(views, str):
+            view_preset(views, 224, num_local_crops)  # an unknown preset name fails here, before any file is read
+        self._views, self._num_local_crops, self._load_size = views, num_local_crops, load_size
         self.train_subset, self.eval_subset, self.val_subset, self.seed = train_subset, eval_subset, val_subset, seed
         self.pin_memory = pin_memory
         if augment not in ("workers", "device"):
             raise SSLError(f"Unknown data.augment {augment!r}: use \"workers\" (per-image, in the loader workers) "
                            "or \"device\" (whole batches on the training device)")
         self.augment = augment
-        self.load_size = load_size or int(round(self.image_size / 0.875))
+        if on_bad_image not in ("error", "skip"):
+            raise SSLError(f"Unknown data.on_bad_image {on_bad_image!r}: use \"error\" (stop at an unreadable image) "
+                           "or \"skip\" (warn and use the next readable image)")
+        self.on_bad_image = on_bad_image
         self.mean = self.spec.mean if self.in_channels == len(self.spec.mean) else self.spec.mean[:1] * self.in_channels
         self.std = self.spec.std if self.in_channels == len(self.spec.std) else self.spec.std[:1] * self.in_channels
-        self.batch_views = BatchMultiView(self.view_configs, self.mean, self.std) if augment == "device" else None
         self._loaded: dict[str, Dataset | None] = {}
         self.pretrain_set: Dataset | None = None
         self.eval_set: Dataset | None = None
@@ -184,10 +197,52 @@ class SSLDataModule(L.LightningDataModule):
             return self.spec.num_classes
         return len(getattr(self._load("train"), "classes", []))
 
+    # ---- sizes: given, the dataset's, or (image folders) from the images --------------------------------
+    @cached_property
+    def image_sides(self) -> ImageSides | None:
+        """Median shorter side of the pretraining images (a seeded sample's headers for folders)."""
+        return image_sides(self._load(self.spec.pretrain_split))
+
+    @cached_property
+    def image_size(self) -> int:
+        """Crop size of the global views; derived from the images when neither given nor the dataset's."""
+        if self.given_image_size is not None:
+            return int(self.given_image_size)
+        sides = self.image_sides
+        if sides is None:
+            raise SSLError(f"Dataset {self.dataset!r} has no default image size and its images cannot be sized: "
+                           "set data.image_size")
+        size = size_for(sides.median)
+        rank_zero_info(f"[ssl_lightning] image_size {size} from the data ({sides.describe()}); "
+                       "set data.image_size to override")
+        return size
+
+    @cached_property
+    def view_configs(self) -> list[ViewConfig]:
+        views = self._views if isinstance(self._views, list) else view_preset(self._views, self.image_size,
+                                                                               self._num_local_crops)
+        return [v if v.size else replace(v, size=self.image_size) for v in views]
+
+    @cached_property
+    def load_size(self) -> int:
+        return self._load_size or int(round(self.image_size / 0.875))
+
+    @cached_property
+    def batch_views(self) -> BatchMultiView | None:
+        return BatchMultiView(self.view_configs, self.mean, self.std) if self.augment == "device" else None
+
+    def _warn_upsampling(self) -> None:
+        message = upsampling_warning(max(v.size for v in self.view_configs), self.image_sides)
+        if message:
+            rank_zero_warn(message)
+
     def _load(self, split: str, download: bool = False) -> Dataset | None:
         """Each split is read once (the pretraining split is usually the training split itself)."""
         if split not in self._loaded:
-            self._loaded[split] = self.spec.load(self.root, split, download, **self.options)
+            ds = self.spec.load(self.root, split, download, **self.options)
+            if isinstance(ds, ImageFolderDataset):
+                ds.on_bad_image = self.on_bad_image
+            self._loaded[split] = ds
         return self._loaded[split]
 
     def prepare_data(self) -> None:
@@ -204,6 +259,7 @@ class SSLDataModule(L.LightningDataModule):
                     f"The global batch ({self.batch_size} per process x {distributed.world_size()} processes = "
                     f"{global_batch}) is larger than the training set ({len(base)} images): lower "
                     "data.batch_size or use more images (data.train_subset).")
+            self._warn_upsampling()
             if self.augment == "device":
                 self.pretrain_set = RawImageDataset(base, self.load_size if self.spec.resize_eval else None)
             else:

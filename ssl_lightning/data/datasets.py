@@ -31,7 +31,7 @@ class DatasetSpec:
     load: Callable[..., Dataset]  # load(root, split, download, **options)
     num_classes: int
     channels: int
-    image_size: int  # default crop size
+    image_size: int | None  # default crop size; None = from the images (ssl_lightning.data.image_size)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize_eval: bool = False  # images of varying size: resize + centre crop for evaluation
@@ -167,5 +167,5 @@ DATASETS.register("stl10")(DatasetSpec(load_stl10, 10, 3, 96, (0.4467, 0.4398, 0
                                        pretrain_split="pretrain"))
 DATASETS.register("imagenet")(DatasetSpec(load_image_folder, 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
 DATASETS.register("imagenet100")(DatasetSpec(load_imagenet100, 100, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
-DATASETS.register("image_folder")(DatasetSpec(load_image_folder, 0, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
+DATASETS.register("image_folder")(DatasetSpec(load_image_folder, 0, 3, None, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
 DATASETS.register("synthetic")(DatasetSpec(load_synthetic, 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))

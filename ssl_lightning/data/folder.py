@@ -1,9 +1,12 @@
 """Image folders: ImageNet-style class sub-folders (optionally restricted by a class-list file) or a
-flat folder of unlabelled images (label -1). Unreadable images raise an error naming the file."""
+flat folder of unlabelled images (label -1). An unreadable image raises an error naming the file
+(``on_bad_image="error"``) or is replaced by the next readable one (``"skip"``), with a warning."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -12,6 +15,12 @@ from torch.utils.data import Dataset
 from ssl_lightning.registry import SSLError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError)  # what PIL raises for corrupt or truncated files
+_SKIPPED: dict[str, str] = {}  # unreadable files met in this process (path -> why), with on_bad_image="skip"
+
+
+class BadImageWarning(UserWarning):
+    """An unreadable image was replaced by the next readable one (``data.on_bad_image: skip``)."""
 
 
 def _is_image(name: str) -> bool:
@@ -30,8 +39,9 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
 class ImageFolderDataset(Dataset):
     """``(image, label)`` from ``root/<class>/<image>`` or, for a flat folder, ``(image, -1)``."""
 
-    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None,
+                 on_bad_image: Literal["error", "skip"] = "error") -> None:
+        self.root, self.on_bad_image = Path(root), on_bad_image
         if not self.root.is_dir():
             raise SSLError(f"Image folder {self.root} does not exist: set data.root to a folder of images "
                            "(class sub-folders for labels, or images directly for unlabelled data)")
@@ -60,12 +70,30 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise SSLError(f"Cannot read image {path}: {e}. Remove or replace this file.") from None
+        """Sample ``i``; with ``on_bad_image="skip"`` an unreadable one is replaced by the next readable
+        sample, ``(i + 1) % n``, ... : deterministic, whatever the loader workers (the label comes with it)."""
+        n, skip = len(self.samples), self.on_bad_image == "skip"
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} of a folder of {n} images")
+        for step in range(n if skip else 1):
+            path, label = self.samples[(i + step) % n]
+            if skip and path in _SKIPPED:
+                continue
+            try:
+                with Image.open(path) as img:
+                    return img.convert("RGB"), label
+            except READ_ERRORS as e:
+                if not skip:
+                    raise SSLError(f"Cannot read image {path}: {e}. Remove or replace this file (`ssl-lightning "
+                                   "check-data` with the same data settings lists every unreadable file; "
+                                   "data.on_bad_image=skip replaces them by the next readable image).") from None
+                _SKIPPED[path] = str(e)
+                warnings.warn(f"[ssl_lightning] Cannot read image {path}: {e}. Replaced by the next readable image "
+                              f"(data.on_bad_image=skip); {len(_SKIPPED)} unreadable image"
+                              f"{'s' if len(_SKIPPED) > 1 else ''} skipped so far in this process.",
+                              BadImageWarning, stacklevel=2)
+        raise SSLError(f"No readable image in {self.root}: all {n} files failed to load. Check the folder with "
+                       "`ssl-lightning check-data`.")
 
 
 class ArrayDataset(Dataset):

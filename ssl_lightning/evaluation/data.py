@@ -8,7 +8,7 @@ evaluation: resize + centre crop (datasets of varying image size) or the image a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -37,6 +37,8 @@ class EvalData:
         crop_scale: random-resized-crop area range of the training augmentation.
         grayscale: convert images to the backbone's channel count (RGB <-> 1-channel luma) when they differ.
         seed: seed of the subsets.
+        on_bad_image: ``error`` or ``skip`` an unreadable image file (None: the run's when the dataset is the
+            run's, else ``error``); see ``SSLDataModule``.
     """
 
     dataset: str | None = None
@@ -51,6 +53,7 @@ class EvalData:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     grayscale: bool = False
     seed: int = 0
+    on_bad_image: Literal["error", "skip"] | None = None
 
 
 class ToChannels:
@@ -123,13 +126,15 @@ def resolve_data(data: EvalData, info: dict[str, Any]) -> EvalData:
                        "root": data.root or (run.get("root") if same else None),
                        "dataset_options": data.dataset_options if data.dataset_options is not None
                        else (run.get("dataset_options") if same else None),
-                       "image_size": data.image_size or (run.get("image_size") if same else None)})
+                       "image_size": data.image_size or (run.get("image_size") if same else None),
+                       "on_bad_image": data.on_bad_image or (run.get("on_bad_image") if same else None)})
 
 
 def eval_splits(data: EvalData, in_channels: int) -> EvalSplits:
     """The labelled train and val splits of ``data.dataset`` for a backbone taking ``in_channels``."""
     dm = SSLDataModule(dataset=data.dataset, root=data.root, batch_size=data.batch_size, num_workers=data.num_workers,
-                       image_size=data.image_size, seed=data.seed, pin_memory=False, dataset_options=data.dataset_options)
+                       image_size=data.image_size, seed=data.seed, pin_memory=False, dataset_options=data.dataset_options,
+                       on_bad_image=data.on_bad_image or "error")
     if dm.num_classes <= 0:
         raise SSLError(f"Dataset {data.dataset!r} has no labels here: evaluations need labelled train and val splits "
                        "(image folders need one sub-folder per class)")
