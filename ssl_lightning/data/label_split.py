@@ -55,7 +55,7 @@ class LabelSplit:
         return [i for i in range(self.num_samples) if i not in used]
 
     # ---- checks -----------------------------------------------------------------------------------------
-    def check(self, targets: torch.Tensor, dataset: str = "", source: str = "this label split") -> None:
+    def check(self, targets: torch.Tensor, dataset: str = "", source: str = "This label split") -> None:
         """Refuse a split made for another dataset: a different size or different targets."""
         targets = torch.as_tensor(targets)
         made_for = f"{self.dataset or 'a dataset'} ({self.num_samples} training images)"
@@ -189,7 +189,7 @@ def make_label_split(targets: torch.Tensor | Sequence[int], num_labels: int | No
             raise SSLError(f"{what} per class are asked for, but {_class_name(c, class_names)} has only "
                            f"{len(members)} training images: lower labels_per_class / num_labels"
                            f"{' or num_val' if val_counts[c] else ''} (at most {len(members) - val_counts[c]} "
-                           "labels per class here).")
+                           f"labels per class fit in {_class_name(c, class_names)}).")
         members = members[torch.randperm(len(members), generator=g)]
         val += members[: val_counts[c]].tolist()
         labelled += members[val_counts[c]: need].tolist()
