@@ -17,6 +17,7 @@ from ssl_lightning.heads import mlp
 from ssl_lightning.losses import nt_xent
 from ssl_lightning.methods import BYOL, SimCLR
 from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
+from ssl_lightning.semi import TemporalEnsemble
 
 from ddp_utils import ddp_loss_backward, free_port, grads, spawn_results, WORLD  # tests/ is on sys.path
 
@@ -174,8 +175,25 @@ def scenario_gather(rank: int, world: int, out: Path) -> dict:
             "weights": weights, "grad": y.grad}
 
 
+ENSEMBLE_SAMPLES, ENSEMBLE_CLASSES = 10, 7
+
+
+def ensemble_rows(rank: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0 predicts samples 0, 2, 4, 6; rank 1 samples 1, 3, 5, 6: sample 6 is on both (rank 1's row wins)."""
+    index = torch.tensor([[0, 2, 4, 6], [1, 3, 5, 6]][rank])
+    return index, torch.rand(4, ENSEMBLE_CLASSES, generator=torch.Generator().manual_seed(100 + 10 * epoch + rank))
+
+
+def scenario_temporal_ensemble(rank: int, world: int, out: Path) -> dict:
+    ensemble = TemporalEnsemble(ENSEMBLE_SAMPLES, ENSEMBLE_CLASSES)
+    for epoch in range(2):
+        ensemble.record(*ensemble_rows(rank, epoch))
+        ensemble.end_epoch()
+    return {k: v.clone() for k, v in ensemble.state_dict().items()}
+
+
 SCENARIOS = {"simclr": scenario_simclr, "byol": scenario_byol, "memory_bank": scenario_memory_bank,
-             "gather": scenario_gather}
+             "gather": scenario_gather, "temporal_ensemble": scenario_temporal_ensemble}
 
 
 # ---- tests ------------------------------------------------------------------------------------------
@@ -252,6 +270,20 @@ def test_memory_bank_ddp_matches_single_process(ddp):
         for r, res in enumerate(results):
             _assert_close_dicts(res["table"][step], bank_state(table), atol=0, what=f"rank {r} table step {step}")
     assert (table.bank.abs().sum(1) > 0).sum() > WORLD * KEYS_PER_RANK  # rows from several updates landed
+
+
+def test_temporal_ensemble_ddp_equals_one_process_in_rank_order(ddp):
+    reference = TemporalEnsemble(ENSEMBLE_SAMPLES, ENSEMBLE_CLASSES)  # one process: both ranks' rows, rank order
+    for epoch in range(2):
+        (i0, p0), (i1, p1) = ensemble_rows(0, epoch), ensemble_rows(1, epoch)
+        reference.record(torch.cat([i0, i1]), torch.cat([p0, p1]))
+        reference.end_epoch()
+    for r, state in enumerate(ddp("temporal_ensemble")):
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"rank {r} {n}: {m}")
+    last = [ensemble_rows(1, epoch)[1][3] for epoch in range(2)]  # sample 6: rank 1's rows, written last
+    want = (0.6 * 0.4 * last[0] + 0.4 * last[1]) / (1 - 0.6 ** 2)
+    torch.testing.assert_close(reference.targets(torch.tensor([6]))[0], want)
 
 
 def test_gather_and_gather_with_grad(ddp):
