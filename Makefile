@@ -14,6 +14,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# USB's semilearn as a test reference only: without its dependencies (timm < 0.9, transformers, ...);
+	# tests/test_semi_pieces.py loads two of its files by path, which need only torch and numpy
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps semilearn==0.3.2
 	$(PY) -c "import torch, torchvision, torchvision.ops, lightning, lightly; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
