@@ -77,7 +77,7 @@ class NonFiniteGuard:
         self._lrs: dict[int, Any] = {}  # learning rate per step since the last check (as the optimizer holds it)
         self._batches = 0  # batches since the last check
         self._skip_pending = False
-        self._consecutive: list[int] = []  # skip mode: the steps of the current run of non-finite steps
+        self._consecutive: list[tuple] = []  # skip mode: (step, epoch, nan, inf, rank) of the current run of bad steps
         self._weights: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
@@ -158,7 +158,8 @@ class NonFiniteGuard:
         if broken:
             names = [k for (k, _), ok in zip(tensors, finite) if not ok]
             raise NonFiniteLossError(self._state_message(module, names, broken if len(rows) > 1 else None))
-        self._lrs = {}
+        if self.mode == "stop":  # (skip mode keeps the learning rates of its current run of skipped steps)
+            self._lrs = {}
 
     def _read(self, row: torch.Tensor, local: torch.Tensor) -> tuple[list[list[int]], list[bool]]:
         """The one read-back of a check: every process's ``row`` and this process's ``local`` flags."""
@@ -171,23 +172,22 @@ class NonFiniteGuard:
     def _decide_skip(self, module: L.LightningModule, row: torch.Tensor) -> None:
         rows, _ = self._read(row, torch.ones(0, dtype=torch.bool, device=row.device))
         bad = [(rank, r) for rank, r in enumerate(rows) if r[2] or r[3]]
-        step = rows[0][0]
         if not bad:
             self._consecutive, self._lrs = [], {}
         else:
-            rank, (_, epoch, nan, inf) = bad[0]
-            self._consecutive.append(step)
+            rank, (step, epoch, nan, inf) = bad[0]
+            rank = rank if len(rows) > 1 else None
+            self._consecutive.append((step, epoch, nan, inf, rank))
             if not self._skip_pending:  # several bad micro-batches of one accumulated step: one skipped step
                 self.skipped_steps += 1
                 self._skip_pending = True
-            limit = self.max_consecutive_skips
-            if limit and len(self._consecutive) >= limit:
-                raise NonFiniteLossError(self._stop_message(module, self._consecutive[0], epoch, nan, inf,
-                                                            rank if len(rows) > 1 else None, skipped=len(self._consecutive)))
+            run, limit = len(self._consecutive), self.max_consecutive_skips
+            if limit and run >= limit:
+                raise NonFiniteLossError(self._stop_message(module, *self._consecutive[0], skipped=run))
             n = self.skipped_steps
             if n <= _WARN_FIRST or n % _WARN_EVERY == 0:
-                where = f" on rank {rank}" if len(rows) > 1 else ""
-                more = "" if n < _WARN_FIRST else f"; from now on every {_WARN_EVERY}th skipped step is reported"
+                where = f" on rank {rank}" if rank is not None else ""
+                more = f"; from now on every {_WARN_EVERY}th skipped step is reported" if n == _WARN_FIRST else ""
                 rank_zero_warn(f"Step {step}: {self._terms(nan, inf)}{where}; its update was skipped "
                                f"(on_nonfinite=skip; {n} skipped so far, logged as {self.prefix}skipped_steps{more}).")
         module.log(f"{self.prefix}skipped_steps", float(self.skipped_steps))
