@@ -261,18 +261,23 @@ def test_cli_huge_learning_rate_exits_2_with_one_error_line(tmp_path, capsys, mo
 def scenario_one_rank_nan(rank: int, world: int, out: Path) -> dict:
     """Lightning's DDP on the scenario's process group (LOCAL_RANK set: Lightning launches nothing); rank 1 alone
     has a NaN loss at step 1. Stop mode: both ranks stop with the same message; skip mode: both skip."""
+    environ = dict(os.environ)
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), NODE_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     result = {}
-    for mode in ("stop", "skip"):
-        model = simclr(bad_steps=(1,), bad_rank=1, on_nonfinite=mode)
-        t = trainer(max_epochs=1, log_every_n_steps=3, devices=world, strategy="ddp")
-        try:
-            t.fit(model, data())  # 64 images / (8 x 2) = 4 steps
-            result[mode] = {"steps": t.global_step, "skipped": model.nonfinite.skipped_steps,
-                            "weight": model.backbone.features[0].weight.detach().clone()}
-        except NonFiniteLossError as err:
-            result[mode] = {"error": str(err), "steps": t.global_step}
+    try:
+        for mode in ("stop", "skip"):
+            model = simclr(bad_steps=(1,), bad_rank=1, on_nonfinite=mode)
+            t = trainer(max_epochs=1, log_every_n_steps=3, devices=world, strategy="ddp")
+            try:
+                t.fit(model, data())  # 64 images / (8 x 2) = 4 steps
+                result[mode] = {"steps": t.global_step, "skipped": model.nonfinite.skipped_steps,
+                                "weight": model.backbone.features[0].weight.detach().clone()}
+            except NonFiniteLossError as err:
+                result[mode] = {"error": str(err), "steps": t.global_step}
+    finally:  # the next scenarios of the shared spawn see the environment they had
+        os.environ.clear()
+        os.environ.update(environ)
     return result
 
 
