@@ -20,6 +20,7 @@ from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
 from ssl_lightning.semi import TemporalEnsemble
 
 from ddp_utils import ddp_loss_backward, free_port, grads, spawn_results, WORLD  # tests/ is on sys.path
+from test_nonfinite import check_one_rank_nan, scenario_one_rank_nan  # its 2-process check shares this spawn
 
 B = 4  # images per process; the single-process reference gets the global batch of WORLD * B
 IMAGE = 16
@@ -193,7 +194,8 @@ def scenario_temporal_ensemble(rank: int, world: int, out: Path) -> dict:
 
 
 SCENARIOS = {"simclr": scenario_simclr, "byol": scenario_byol, "memory_bank": scenario_memory_bank,
-             "gather": scenario_gather, "temporal_ensemble": scenario_temporal_ensemble}
+             "gather": scenario_gather, "temporal_ensemble": scenario_temporal_ensemble,
+             "nonfinite": scenario_one_rank_nan}
 
 
 # ---- tests ------------------------------------------------------------------------------------------
@@ -300,6 +302,11 @@ def test_gather_and_gather_with_grad(ddp):
     total_weights = sum(res["weights"] for res in results)
     for r, res in enumerate(results):
         torch.testing.assert_close(res["grad"], total_weights[r * GATHER_ROWS:(r + 1) * GATHER_ROWS], atol=1e-6, rtol=0)
+
+
+def test_nonfinite_loss_on_one_rank_stops_or_skips_both(ddp):
+    """A NaN loss on rank 1 only, through Lightning's DDP: both ranks stop together, or both skip the step."""
+    check_one_rank_nan(ddp("nonfinite"))
 
 
 def test_distributed_helpers_are_identity_in_one_process():

@@ -4,7 +4,8 @@ A method subclasses :class:`SSLMethod`, builds its heads in ``__init__`` and imp
 :meth:`SSLMethod.loss`. The base class runs the backbone over the views (multi-crop aware), trains the
 online linear probe, builds the optimizer (no weight decay on norm and bias parameters; the learning
 rate is given per 256 images and scaled by the global batch), the per-step warm-up + cosine schedule,
-and the momentum (EMA) update of any teacher the method declares in :meth:`momentum_pairs`.
+the momentum (EMA) update of any teacher the method declares in :meth:`momentum_pairs`, and the guard
+that stops a run whose loss became NaN or inf (:mod:`ssl_lightning.modules.nonfinite`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.data.datamodule import VAL
 from ssl_lightning.modules.ema import cosine_momentum, ema_update
+from ssl_lightning.modules.nonfinite import NonFiniteGuard, NonFiniteMode
 from ssl_lightning.modules.probe import OnlineLinearProbe
 from ssl_lightning.optim import build_optimizer, param_groups, warmup_cosine
 
@@ -46,6 +48,14 @@ class SSLMethod(L.LightningModule):
             ``experiments/bench/throughput.py``).
         compile: ``torch.compile`` the backbone in place (state-dict keys unchanged, so checkpoints load
             either way); the first steps are slower while it compiles.
+        on_nonfinite: what a NaN / inf loss or loss term (``loss()``'s terms and the probe's loss) does.
+            ``"stop"``: the run stops with a ``NonFiniteLossError`` naming the first bad step, the terms,
+            the learning rate and the usual fixes; checked every ``trainer.log_every_n_steps`` batches (no
+            per-step device sync), before validation and before every checkpoint (none is written after the
+            bad step). ``"skip"``: such a step's update is dropped (parameters, optimizer state and EMA
+            teachers unchanged), counted as ``train/skipped_steps`` and warned about; this reads the loss back
+            after every step (one device sync per step, as AMP's GradScaler).
+        max_consecutive_skips: with ``"skip"``, stop anyway after this many non-finite steps in a row (0 = never).
     """
 
     #: run views of equal shape through the backbone in one batch (False: one pass per view)
@@ -67,6 +77,8 @@ class SSLMethod(L.LightningModule):
         probe_lr: float = 0.1,
         channels_last: bool = False,
         compile: bool = False,
+        on_nonfinite: NonFiniteMode = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +87,7 @@ class SSLMethod(L.LightningModule):
         if num_classes:
             self.probe = OnlineLinearProbe(self.backbone.num_features, num_classes)
         self._ema_step = -1
+        self.nonfinite = NonFiniteGuard(on_nonfinite, max_consecutive_skips)
         if compile:
             self.backbone.compile()
 
@@ -127,7 +140,7 @@ class SSLMethod(L.LightningModule):
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         feats = self.forward_views(views)
         out = self.loss(feats, views, index)
-        terms = out if isinstance(out, dict) else {"loss": out}
+        terms = dict(out) if isinstance(out, dict) else {"loss": out}
         loss = terms["loss"]
         bs = views[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -135,10 +148,11 @@ class SSLMethod(L.LightningModule):
             if name != "loss":
                 self.log(f"train/{name}", value, batch_size=bs)
         if self.probe is not None:
-            probe_loss = self.probe.training_loss(feats[0], labels)
+            terms["probe_loss"] = probe_loss = self.probe.training_loss(feats[0], labels)
             self.log("train/probe_loss", probe_loss, batch_size=bs)
             self.log("train/probe_top1", self.probe.train_top1, batch_size=bs)
             loss = loss + probe_loss
+        self.nonfinite.observe(self, terms)  # NaN / inf: device-side flags (skip mode: decided now)
         return loss
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
@@ -191,12 +205,16 @@ class SSLMethod(L.LightningModule):
     # ---- momentum teachers --------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step
+        self.nonfinite.start()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.nonfinite.after_batch(self)  # every log_every_n_steps batches: raises if a loss was NaN / inf
         pairs = self.momentum_pairs()
         if not pairs or self.trainer.global_step == self._ema_step:  # no optimizer step this batch
             return
         self._ema_step = self.trainer.global_step
+        if self.nonfinite.update_dropped:  # on_nonfinite=skip dropped this step: the teachers stay too
+            return
         m = self.teacher_momentum()
         for student, teacher in pairs:
             ema_update(teacher, student, m)
@@ -206,6 +224,19 @@ class SSLMethod(L.LightningModule):
         """Momentum for the update after optimizer step ``global_step - 1`` (BYOL's cosine schedule)."""
         return cosine_momentum(self.trainer.global_step - 1, int(self.trainer.estimated_stepping_batches),
                                self.hparams.momentum_base, self.hparams.momentum_final)
+
+    # ---- non-finite losses (the checks of the guard that training_step feeds) -------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite.drop_update(optimizer)  # on_nonfinite=skip: a non-finite step's gradients are discarded
+
+    def on_validation_start(self) -> None:
+        self.nonfinite.check(self)  # no validation (kNN, probe, clusters) of a model that already went NaN
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite.check(self, checkpoint["state_dict"])  # raising here aborts the write
+
+    def on_train_end(self) -> None:
+        self.nonfinite.finish(self)  # a non-finite step after the last check
 
     # ---- weight-decay schedule (DINO, TWIST-ViT: methods with a ``weight_decay_end`` hyperparameter) ---------
     def weight_decay_at(self, step: int) -> float:
