@@ -17,6 +17,7 @@ import time
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ssl_lightning.callbacks import ClusterMonitor, KNNMonitor
 from ssl_lightning.data import SSLDataModule
@@ -65,6 +66,12 @@ class SSLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if not cfg.get("run_dir") and cfg.trainer.get("default_root_dir"):  # Lightning's name for it
+            cfg.run_dir = cfg.trainer.default_root_dir
+        if not cfg.get("run_dir") and (cfg.trainer.get("num_nodes") or 1) > 1:
+            raise SSLError("A multi-node run needs --run_dir (on a directory every node sees, e.g. runs/<name>-$SLURM_JOB_ID): "
+                           "each node would otherwise name its own runs/<method>-<dataset>-<time>, and a requeued "
+                           "or restarted job would not find its checkpoints.")
         if not cfg.get("run_dir"):
             method = cfg.model.class_path.rsplit(".", 1)[-1].lower()
             cfg.run_dir = os.path.join("runs", f"{method}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -77,17 +84,24 @@ class SSLCLI(LightningCLI):
                 init.save_dir = _inside(cfg.run_dir, init.save_dir or ".")
 
     def instantiate_trainer(self, **kwargs):
-        # drop default callbacks that Lightning refuses: the RichProgressBar when the user disables the bar
-        # or brings one, the LearningRateMonitor when there is no logger (--trainer.logger false)
-        trainer = self._get(self.config_init, "trainer", default={})
+        """The Trainer with the CLI's own callbacks (``--checkpoint`` ModelCheckpoint, ``--knn`` KNNMonitor,
+        RichProgressBar, LearningRateMonitor, ClusterMonitor) less those that step aside for the user's
+        settings (:func:`_steps_aside`); Lightning's refusals of a setting become one ``error:`` line."""
+        trainer = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         given = trainer.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
-        no_bar = trainer.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in given)
-        no_logger = trainer.get("logger") is False or trainer.get("logger") == []
-        keep = [c for c in self.trainer_defaults.get("callbacks", [])
-                if not (no_bar and isinstance(c, ProgressBar)) and not (no_logger and isinstance(c, LearningRateMonitor))]
-        self.trainer_defaults = {**self.trainer_defaults, "callbacks": keep}
-        return super().instantiate_trainer(**kwargs)
+        if trainer.get("barebones"):
+            _check_barebones(trainer)
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        extra = [c for c in extra if not _steps_aside(c, trainer, given)]
+        defaults = [c for c in self.trainer_defaults.get("callbacks", []) if not _steps_aside(c, trainer, given)]
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        try:
+            return self._instantiate_trainer(trainer, extra)
+        except SSLError:
+            raise
+        except (MisconfigurationException, ValueError, RuntimeError) as err:  # Lightning refusing a setting
+            raise SSLError(f"Invalid trainer settings: {err} Change the trainer.* options or callbacks it names.") from err
 
     def after_fit(self) -> None:
         self._print_summary()
@@ -100,14 +114,57 @@ class SSLCLI(LightningCLI):
         from rich.console import Console
 
         ckpt = trainer.checkpoint_callback
-        lines = [f"run directory : {trainer.default_root_dir}",
-                 f"config        : {os.path.join(trainer.default_root_dir, 'config.yaml')}"]
-        if ckpt is not None:
-            lines.append(f"checkpoint    : {ckpt.last_model_path or ckpt.best_model_path}")
+        saved = ckpt.last_model_path or ckpt.best_model_path if ckpt is not None else ""
+        config = os.path.join(trainer.default_root_dir, "config.yaml")
+        lines = [f"run directory : {trainer.default_root_dir}"]
+        lines += [f"config        : {config}"] if os.path.isfile(config) else []  # not written by fast_dev_run
+        lines += [f"checkpoint    : {saved}"] if saved and os.path.isfile(saved) else []  # none written
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
             lines.append("final metrics : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         Console(soft_wrap=True).print("\n".join(lines), highlight=False)
+
+
+def _steps_aside(callback, trainer: dict, given: list) -> bool:
+    """Whether one of the CLI's own callbacks stays out of this run: the user brought one of the same kind
+    (``--trainer.callbacks``: theirs wins), or turned its feature off (``enable_checkpointing`` /
+    ``enable_progress_bar`` false, ``logger`` false for the LearningRateMonitor), or asked for
+    ``barebones`` (no checkpointing, progress bar or logging: none of them, nor the kNN / cluster monitors,
+    whose only output is logged metrics)."""
+    kind = ProgressBar if isinstance(callback, ProgressBar) else type(callback)
+    if any(isinstance(c, kind) for c in given) or trainer.get("barebones"):
+        return True
+    off = {ModelCheckpoint: trainer.get("enable_checkpointing") is False,
+           ProgressBar: trainer.get("enable_progress_bar") is False,
+           LearningRateMonitor: trainer.get("logger") is False or trainer.get("logger") == []}
+    return any(off_ and isinstance(callback, cls) for cls, off_ in off.items())
+
+
+#: what ``barebones`` turns off: the trainer option, its "off" value and the flag that sets it
+BAREBONES_OFF = (("logger", False, "--trainer.logger false"), ("enable_checkpointing", False, "--trainer.enable_checkpointing false"),
+                 ("enable_progress_bar", False, "--trainer.enable_progress_bar false"),
+                 ("enable_model_summary", False, "--trainer.enable_model_summary false"),
+                 ("log_every_n_steps", 0, "--trainer.log_every_n_steps 0"),
+                 ("num_sanity_val_steps", 0, "--trainer.num_sanity_val_steps 0"))
+
+
+def _check_barebones(trainer: dict) -> None:
+    """``--trainer.barebones true`` with a setting it turns off (a logger from the config, say): one error
+    naming each such setting and the flags that turn them off (Lightning would raise at the first)."""
+    clash = [(key, value, flag) for key, off, flag in BAREBONES_OFF
+             if (value := trainer.get(key)) is not None and value != off]
+    if clash:
+        named = ", ".join(f"trainer.{key}={_shown(v)}" for key, v, _ in clash)
+        raise SSLError(f"--trainer.barebones true turns off logging, checkpointing, the progress bar, the model summary "
+                       f"and the sanity check, but these are set: {named}. Add {' '.join(f for _, _, f in clash)} "
+                       "(or leave barebones off).")
+
+
+def _shown(value) -> str:
+    """A setting as a user reads it: ``20``, ``True``, ``WandbLogger``, ``[CSVLogger, WandbLogger]``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_shown, value)) + "]"
+    return repr(value) if isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
 def _finish_wandb(trainer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import standins  # noqa: E402
+from ddp_utils import free_port  # noqa: E402
 
 from ssl_lightning.cli import main  # noqa: E402
 from ssl_lightning.methods import SimCLR  # noqa: E402
@@ -143,25 +145,71 @@ def test_short_method_names(capsys):
     assert "class_path: ssl_lightning.methods.simclr.SimCLR" in capsys.readouterr().out
 
 
+#: the tiny run the DDP tests launch as real ``ssl-lightning`` processes (8 images per process)
+TINY_DDP = ["fit", "--model", "simclr", "--model.backbone", "convnet", "--model.backbone_kwargs", "{width: 8}",
+            "--model.proj_hidden", "32", "--model.proj_out", "16", "--data.dataset", "synthetic",
+            "--data.dataset_options", "{size: 64, channels: 1, image_size: 16}", "--data.batch_size", "8", *QUICK,
+            "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
+
+
+def _command(*args: str) -> list[str]:
+    """The installed ``ssl-lightning`` command (or ``python -m ssl_lightning.cli``) with ``args``."""
+    exe = Path(sys.executable).with_name("ssl-lightning")
+    return [*([str(exe)] if exe.exists() else [sys.executable, "-m", "ssl_lightning.cli"]), *args]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This checkout first on PYTHONPATH (children import it, not an installed copy), one thread per process."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _scaled_lr(ckpt: dict) -> float:
+    """The learning rate the optimizer started from (its non-probe groups all get the scaled one)."""
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    lrs = {g["initial_lr"] for g in groups if g.get("name") != "probe"}
+    assert len(lrs) == 1, groups
+    return lrs.pop()
+
+
 def test_cli_ddp_two_processes_bf16_tensorboard(tmp_path):
     """`--trainer.devices 2 --trainer.strategy ddp --trainer.precision bf16-mixed` through the real
     command (Lightning re-launches it per process), with the TensorBoard logger selected."""
     run_dir = tmp_path / "ddp"
-    exe = Path(sys.executable).with_name("ssl-lightning")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ssl_lightning.cli"]
-    cmd += ["fit", "--model", "simclr", "--model.backbone", "convnet", "--model.backbone_kwargs", "{width: 8}",
-            "--model.proj_hidden", "32", "--model.proj_out", "16",
-            "--data.dataset", "synthetic", "--data.dataset_options", "{size: 64, channels: 1, image_size: 16}",
-            "--data.batch_size", "8", *QUICK, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-            "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", ".",
-            "--run_dir", str(run_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = __import__("subprocess").run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    cmd = _command(*TINY_DDP, "--trainer.devices", "2", "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2",
+                   "--trainer.val_check_interval", "2",
+                   "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", ".",
+                   "--run_dir", str(run_dir))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "global batch 16 / 256" in log  # 8 per process x 2 processes
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert glob.glob(str(run_dir / "lightning_logs" / "version_0" / "events.out.tfevents.*"))
+
+
+def test_cli_two_nodes_one_process_each(tmp_path):
+    """Two "nodes" on localhost, each launching its own process as a node of a cluster does (Lightning's
+    LightningEnvironment: MASTER_ADDR, MASTER_PORT, NODE_RANK; ``--trainer.num_nodes 2 --trainer.devices 1``,
+    gloo on CPU): both finish, form one world of 2, and the learning rate is scaled by the global batch of
+    both nodes (2 x 8 images)."""
+    run_dir = tmp_path / "nodes"
+    cmd = _command(*TINY_DDP, "--trainer.num_nodes", "2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                   "--trainer.logger", "false", "--run_dir", str(run_dir))
+    port = str(free_port())
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)))
+             for rank in range(2)]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for rank, (node, log) in enumerate(zip(nodes, logs)):
+        assert node.returncode == 0, f"node {rank}:\n{log[-3000:]}"
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in log, log[-3000:]
+    assert "learning rate 0.3 per 256 images x global batch 16 / 256 = 0.01875" in logs[0]  # printed by rank 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and _scaled_lr(ckpt) == pytest.approx(0.3 * 16 / 256)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["num_nodes"] == 2

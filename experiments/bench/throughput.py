@@ -21,7 +21,9 @@ median over rounds of the ratio within a round; the table also gives the lowest 
     python experiments/bench/throughput.py                          # CPU, small ConvNet, Fashion-MNIST, batch 256
     python experiments/bench/throughput.py --dataset cifar10 --root <dir> --backbone resnet18 \
         --backbone_kwargs '{"cifar_stem": true}' --batch_size 512 --precision bf16-mixed --tag _gpu
-Writes experiments/results/bench/throughput<tag>.{json,md}. The README's figures come from
+Writes experiments/results/bench/throughput<tag>.{json,md} (``--out``: another folder). ``experiments/bench/gpu.sh``
+runs it on one GPU: ResNet-18 at CIFAR size in bf16 on generated images (``--dataset synthetic --dataset_options``).
+The README's figures come from
     python experiments/bench/throughput.py --rounds 5 --steps 30                    # throughput.*
     python experiments/bench/throughput.py --no-channels_last --tag _contiguous     # throughput_contiguous.* (*)
     python experiments/bench/throughput.py --methods simclr byol --augment device [--no-channels_last] \
@@ -98,6 +100,8 @@ def framework(method: str, a: argparse.Namespace, augment: str) -> tuple[float, 
                 "--model.init_args.channels_last", str(a.channels_last).lower()]
         if a.root:
             args += ["--data.root", a.root]
+        if a.dataset_options:
+            args += ["--data.dataset_options", a.dataset_options]
         if augment != "default":
             args += ["--data.augment", augment]
         cli = SSLCLI(run=False, args=args + a.extra)
@@ -200,6 +204,8 @@ def setup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--root", default=None)
+    p.add_argument("--dataset_options", default=None,
+                   help='data.dataset_options, e.g. \'{"size": 20000}\' for --dataset synthetic (no files needed)')
     p.add_argument("--backbone", default="convnet")
     p.add_argument("--backbone_kwargs", default="{}")
     p.add_argument("--batch_size", type=int, default=256)
@@ -219,10 +225,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of b, a and m (ratios: median over rounds)")
     p.add_argument("--extra", nargs="*", default=[], help="extra CLI flags for the framework runs")
     p.add_argument("--tag", default="")
+    p.add_argument("--out", type=Path, default=OUT, help="folder of throughput<tag>.{json,md}")
     a = p.parse_args()
     a.extra = [f for arg in a.extra for f in arg.split()]
     sys.argv = sys.argv[:1]
-    OUT.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
     rows = []
     for method in a.methods:
@@ -250,9 +257,9 @@ def main() -> None:
                          "ratio": statistics.median(ratio), "ratio_range": [min(ratio), max(ratio)],
                          "ratio_to_model": statistics.median(ratio_m), "ratio_to_model_range": [min(ratio_m), max(ratio_m)],
                          "peak_gpu_gib": max(x["peak_gpu_gib"] for x in rs), "rounds": rs})
-    record = {"device": device, "settings": vars(a), "rows": rows, "date": time.strftime("%Y-%m-%d"),
+    record = {"device": device, "settings": {**vars(a), "out": str(a.out)}, "rows": rows, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__}
-    (OUT / f"throughput{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (a.out / f"throughput{a.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["| method | augmentation | views | framework img/s (b) | bare backbone img/s (a) | b / a (range) | "
              "method on fixed tensors img/s (m) | b / m (range) | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
     span = lambda r: f"{r[0]:.2f}-{r[1]:.2f}"  # noqa: E731
@@ -266,7 +273,7 @@ def main() -> None:
     header = (f"{device}; {a.dataset}, backbone {a.backbone}, batch {a.batch_size}, {a.precision}, "
               f"{'channels-last' if a.channels_last else 'contiguous'}, {a.workers} workers, "
               f"{a.steps} timed steps after {a.warmup}, medians of {a.rounds} interleaved rounds ({time.strftime('%Y-%m-%d')})")
-    (OUT / f"throughput{a.tag}.md").write_text(header + "\n\n" + table + "\n")
+    (a.out / f"throughput{a.tag}.md").write_text(header + "\n\n" + table + "\n")
     print(header)
     print(table)
 
