@@ -105,7 +105,8 @@ def test_nce_estimates_the_normaliser():
     """NCE's point: an unnormalised model -lambda x^2 / 2 + c fitted by NCE learns lambda = 1 and the
     log-normaliser c = -ln sqrt(2 pi) of the data density N(0, 1) (noise: N(0, 2^2), nu = 2)."""
     g = _gen(0)
-    x, y = torch.randn(20000, generator=g, dtype=torch.float64), 2 * torch.randn(40000, generator=g, dtype=torch.float64)
+    x = torch.randn(20000, generator=g, dtype=torch.float64)
+    y = 2 * torch.randn(40000, generator=g, dtype=torch.float64)
     noise_logpdf = lambda u: -u ** 2 / 8 - math.log(2 * math.sqrt(2 * math.pi))  # noqa: E731
     params = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # lambda - 1, c
     opt = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
@@ -148,9 +149,10 @@ def info_nce_reference(anchor, positive, negatives, temperature, normalize):
 @pytest.mark.parametrize("mode", ["in_batch", "shared", "per_anchor"])
 @pytest.mark.parametrize("normalize,temperature", [(True, 0.1), (True, 0.5), (False, 1.0)])
 def test_info_nce_matches_formula(mode, normalize, temperature):
-    g = _gen(hash((mode, normalize)) % 1000)
+    g = _gen(100 * ["in_batch", "shared", "per_anchor"].index(mode) + int(10 * temperature) + normalize)
     n, k, d = 5, 4, 6
-    anchor, positive = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    anchor = torch.randn(n, d, generator=g, dtype=torch.float64)
+    positive = torch.randn(n, d, generator=g, dtype=torch.float64)
     negatives = {"in_batch": None, "shared": torch.randn(k, d, generator=g, dtype=torch.float64),
                  "per_anchor": torch.randn(n, k, d, generator=g, dtype=torch.float64)}[mode]
     a, p = anchor.clone().requires_grad_(), positive.clone().requires_grad_()

@@ -174,7 +174,8 @@ def test_patch_pair_labels_match_the_geometry(device):
     deviations = set()
     for i in range(b):
         assert (first[i, 2] == i).all() and (second[i, 2] == i).all()  # both from image i
-        t1, l1, t2, l2 = (int(v) for v in (first[i, 0, 0, 0], first[i, 1, 0, 0], second[i, 0, 0, 0], second[i, 1, 0, 0]))
+        t1, l1 = int(first[i, 0, 0, 0]), int(first[i, 1, 0, 0])
+        t2, l2 = int(second[i, 0, 0, 0]), int(second[i, 1, 0, 0])
         assert torch.equal(second[i, 0], t2 + torch.arange(patch, dtype=torch.float32)[:, None].expand(patch, patch))
         step = patch + gap
         # the grid step in the labelled direction, up to the two patches' jitter
@@ -261,7 +262,9 @@ def test_ab_gamut_bins_are_the_cells_of_srgb_colours():
     faces = np.concatenate([np.stack(np.insert(np.stack([u, w]), k, np.full_like(u, f), axis=0), 1)
                             for k in range(3) for f in (0.0, 1.0)])
     lab = skimage.color.rgb2lab(faces[None])[0]
-    key = lambda ab: (np.round(ab[:, 0] / 10).astype(int) + 50) * 100 + np.round(ab[:, 1] / 10).astype(int)  # noqa: E731
+    def key(ab: np.ndarray) -> np.ndarray:  # a cell's number
+        return (np.round(ab[:, 0] / 10).astype(int) + 50) * 100 + np.round(ab[:, 1] / 10).astype(int)
+
     bin_keys = key(bins.numpy())
     near = np.searchsorted(bin_keys, key(lab[:, 1:]))  # the bin each colour rounds to
     assert np.array_equal(bin_keys[near], key(lab[:, 1:]))
@@ -364,7 +367,8 @@ def test_fill_with_mean():
     assert torch.equal(out[:, :, mask], torch.tensor([0.4, 0.5, 0.6])[None, :, None].expand(2, 3, 64))
     per_image = torch.stack([mask, ~mask])  # (B, H, W)
     out2 = fill_with_mean(x, per_image, torch.tensor([0.0, 0.0, 0.0]))
-    assert (out2[0][:, mask] == 0).all() and (out2[1][:, ~mask] == 0).all() and torch.equal(out2[1][:, mask], x[1][:, mask])
+    assert (out2[0][:, mask] == 0).all() and (out2[1][:, ~mask] == 0).all()
+    assert torch.equal(out2[1][:, mask], x[1][:, mask])
     with pytest.raises(SSLError, match="one mean per channel"):
         fill_with_mean(x, mask, (0.5,))
 

@@ -29,8 +29,8 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     n, d = anchor.shape
     if negatives is not None and not (negatives.shape[-1] == d and (
             negatives.ndim == 2 or (negatives.ndim == 3 and negatives.shape[0] == n))):
-        raise SSLError(f"info_nce: negatives of shape {tuple(negatives.shape)} do not fit anchors {tuple(anchor.shape)}: "
-                       f"pass None (in-batch), shared negatives (K, {d}) or per-anchor negatives ({n}, K, {d})")
+        raise SSLError(f"info_nce: negatives of shape {tuple(negatives.shape)} do not fit anchors "
+                       f"{tuple(anchor.shape)}: pass None (in-batch), shared negatives (K, {d}) or per-anchor negatives ({n}, K, {d})")
     if normalize:
         anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
         negatives = None if negatives is None else F.normalize(negatives, dim=-1)

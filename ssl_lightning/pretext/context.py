@@ -38,8 +38,8 @@ def sample_pair_positions(b: int, height: int, width: int, patch: int, gap: int,
     step = patch + gap
     need = 2 * patch + gap + 2 * jitter
     if min(height, width) < need:
-        raise SSLError(f"patch pairs of patch={patch}, gap={gap}, jitter={jitter} need images of at least {need}x{need} "
-                       f"px, got {height}x{width}: use a smaller patch, gap or jitter, or larger images")
+        raise SSLError(f"patch pairs of patch={patch}, gap={gap}, jitter={jitter} need images of at least "
+                       f"{need}x{need} px, got {height}x{width}: use a smaller patch, gap or jitter, or larger images")
     labels = randint(NUM_POSITIONS - 1, (b,), generator)
     direction = NEIGHBOUR_OFFSETS[labels]  # (b, 2)
     j1 = randint(2 * jitter, (b, 2), generator) - jitter

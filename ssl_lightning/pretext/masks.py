@@ -70,8 +70,8 @@ def fill_with_mean(x: Tensor, mask: Tensor, mean: Sequence[float] | Tensor) -> T
     ``mean`` (C values: the dataset mean, in x's units), the rest unchanged; a new tensor."""
     check_images(x, "fill_with_mean")
     if mask.dtype != torch.bool or mask.shape[-2:] != x.shape[-2:]:
-        raise SSLError(f"fill_with_mean expects a bool mask of the images' size {tuple(x.shape[-2:])}, got {mask.dtype} "
-                       f"{tuple(mask.shape)}: build it with central_mask or random_region_mask")
+        raise SSLError(f"fill_with_mean expects a bool mask of the images' size {tuple(x.shape[-2:])}, got "
+                       f"{mask.dtype} {tuple(mask.shape)}: build it with central_mask or random_region_mask")
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1)
     if m.numel() != x.shape[1]:
         raise SSLError(f"fill_with_mean: {m.numel()} mean values for {x.shape[1]} channels: pass one mean per channel")
