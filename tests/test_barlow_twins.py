@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning.losses.barlow_twins import barlow_twins_loss
-from ssl_lightning.methods.barlow_twins import BarlowTwins
+from ssl_lightning.losses.joint_embedding.barlow_twins import barlow_twins_loss
+from ssl_lightning.methods.joint_embedding.barlow_twins import BarlowTwins
 from ssl_lightning.registry import SSLError
 
 from ddp_utils import (WORLD, assert_grads_match, ddp_loss_backward, grads, norm_free_two_view,  # tests/ is on sys.path

@@ -334,7 +334,7 @@ def test_variable_size_folder_loads_at_load_size(tmp_path):
 
 def test_fit_with_device_augmentation():
     """Lightning calls the hook: the method trains on float views, and validation batches stay un-augmented."""
-    from ssl_lightning.methods.simclr import SimCLR
+    from ssl_lightning.methods.joint_embedding.simclr import SimCLR
 
     seen = []
 

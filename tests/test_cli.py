@@ -140,9 +140,9 @@ def test_gpu_recipes_run_a_step_on_standins(config, tmp_path):
 
 def test_short_method_names(capsys):
     run("fit", "--model", "byol", "--data.dataset", "synthetic", "--print_config")
-    assert "class_path: ssl_lightning.methods.byol.BYOL" in capsys.readouterr().out
+    assert "class_path: ssl_lightning.methods.joint_embedding.byol.BYOL" in capsys.readouterr().out
     run("fit", "--model=SimCLR", "--data.dataset", "synthetic", "--print_config")
-    assert "class_path: ssl_lightning.methods.simclr.SimCLR" in capsys.readouterr().out
+    assert "class_path: ssl_lightning.methods.joint_embedding.simclr.SimCLR" in capsys.readouterr().out
 
 
 #: the tiny run the DDP tests launch as real ``ssl-lightning`` processes (8 images per process)

@@ -13,8 +13,8 @@ from torch import nn
 
 from ssl_lightning import SSLDataModule
 from ssl_lightning.data.views import ViewConfig
-from ssl_lightning.losses.dino import DINOLoss, dino_cross_entropy, teacher_temperature
-from ssl_lightning.methods.dino import DINO
+from ssl_lightning.losses.joint_embedding.dino import DINOLoss, dino_cross_entropy, teacher_temperature
+from ssl_lightning.methods.joint_embedding.dino import DINO
 
 from ddp_utils import grads, LossStep, spawn_results, WORLD  # tests/ is on sys.path
 from resume_utils import check_resume_is_exact

@@ -21,7 +21,7 @@ from ssl_lightning.evaluation.data import EvalData
 from ssl_lightning.evaluation.features import extract_features
 from ssl_lightning.evaluation.linear import Classifier, fit_classifier
 from ssl_lightning.evaluation.subsets import stratified_subset
-from ssl_lightning.methods.simclr import SimCLR
+from ssl_lightning.methods.joint_embedding.simclr import SimCLR
 from ssl_lightning.registry import SSLError
 
 REPO = Path(__file__).resolve().parents[1]

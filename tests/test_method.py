@@ -220,3 +220,17 @@ def test_byol_teacher_follows_cosine_momentum():
     for t, p in zip(teacher, model.teacher_backbone.parameters()):
         torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
     assert all(not p.requires_grad for p in model.teacher_backbone.parameters())
+
+
+def test_module_paths_from_before_the_families_still_import():
+    """Checkpoints (``_class_path``) and run configs written before methods were grouped by family name
+    ``ssl_lightning.methods.<module>.<Class>``; code imported ``ssl_lightning.losses.<module>``."""
+    import importlib
+
+    from ssl_lightning.losses import sinkhorn
+    from ssl_lightning.methods import METHODS, MoCoV2
+
+    assert importlib.import_module("ssl_lightning.methods.moco").MoCoV2 is MoCoV2
+    assert importlib.import_module("ssl_lightning.losses.swav").sinkhorn is sinkhorn
+    for name in METHODS.names():  # every registered method lives in a family sub-package
+        assert METHODS.get(name).__module__.count(".") == 3, name

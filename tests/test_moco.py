@@ -13,10 +13,10 @@ from torch import nn
 
 from ssl_lightning import SSLDataModule, distributed
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.infonce import moco_infonce, mocov3_infonce
-from ssl_lightning.methods.moco import (MoCoV1, MoCoV2, SplitBatchNorm2d, batch_shuffle_ddp, batch_unshuffle_ddp,
+from ssl_lightning.losses.metric.infonce import moco_infonce, mocov3_infonce
+from ssl_lightning.methods.joint_embedding.moco import (MoCoV1, MoCoV2, SplitBatchNorm2d, batch_shuffle_ddp, batch_unshuffle_ddp,
                                         split_batch_norm)
-from ssl_lightning.methods.mocov3 import MoCoV3
+from ssl_lightning.methods.joint_embedding.mocov3 import MoCoV3
 from ssl_lightning.modules import ema_update, momentum_copy
 from ssl_lightning.registry import SSLError
 

@@ -16,9 +16,9 @@ from torch import nn
 from ssl_lightning import SSLDataModule
 from ssl_lightning.data.views import ViewConfig
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.muconpro import kde_terms, muconpro_loss, parse_temperature, soft_mean
-from ssl_lightning.losses.regression import byol_loss
-from ssl_lightning.methods.muconpro import DiscPro, GenPro, MuConPro
+from ssl_lightning.losses.joint_embedding.muconpro import kde_terms, muconpro_loss, parse_temperature, soft_mean
+from ssl_lightning.losses.joint_embedding.regression import byol_loss
+from ssl_lightning.methods.joint_embedding.muconpro import DiscPro, GenPro, MuConPro
 from ssl_lightning.modules import momentum_copy
 from ssl_lightning.registry import SSLError
 

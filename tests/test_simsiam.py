@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssl_lightning import SSLDataModule
-from ssl_lightning.losses.simsiam import negative_cosine, normalized_std, simsiam_loss
-from ssl_lightning.methods.simsiam import SimSiam
+from ssl_lightning.losses.joint_embedding.simsiam import negative_cosine, normalized_std, simsiam_loss
+from ssl_lightning.methods.joint_embedding.simsiam import SimSiam
 
 
 def simsiam_reference(p1, p2, z1, z2):

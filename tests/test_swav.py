@@ -12,8 +12,8 @@ from torch import nn
 
 from ssl_lightning import SSLDataModule
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.swav import sinkhorn, swav_loss
-from ssl_lightning.methods.swav import SwAV
+from ssl_lightning.losses.joint_embedding.swav import sinkhorn, swav_loss
+from ssl_lightning.methods.joint_embedding.swav import SwAV
 from ssl_lightning.registry import SSLError
 
 from ddp_utils import ddp_loss_backward, spawn_results, WORLD  # tests/ is on sys.path

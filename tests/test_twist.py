@@ -14,10 +14,10 @@ from torch import nn
 
 from ssl_lightning import SSLDataModule
 from ssl_lightning.data.views import ViewConfig
-from ssl_lightning.losses.twist import (diversity, multicrop_pairs, multicrop_twist_loss, self_label_loss,
+from ssl_lightning.losses.joint_embedding.twist import (diversity, multicrop_pairs, multicrop_twist_loss, self_label_loss,
                                         self_label_quantile, teacher_twist_loss, twist_loss)
 from ssl_lightning.methods.registry import METHODS
-from ssl_lightning.methods.twist import TWIST
+from ssl_lightning.methods.joint_embedding.twist import TWIST
 from ssl_lightning.optim import warmup_cosine
 from ssl_lightning.registry import SSLError
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_lightning.losses.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
-from ssl_lightning.methods.vicreg import VICReg
+from ssl_lightning.losses.joint_embedding.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
+from ssl_lightning.methods.joint_embedding.vicreg import VICReg
 from ssl_lightning.registry import SSLError
 
 from ddp_utils import (WORLD, assert_grads_match, ddp_loss_backward, grads, norm_free_two_view,  # tests/ is on sys.path

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.wmse import cholesky_whiten, wmse_loss
-from ssl_lightning.methods.wmse import WMSE
+from ssl_lightning.losses.joint_embedding.wmse import cholesky_whiten, wmse_loss
+from ssl_lightning.methods.joint_embedding.wmse import WMSE
 from ssl_lightning.registry import SSLError
 
 from ddp_utils import grads, LossStep, spawn_results, WORLD  # tests/ is on sys.path

@@ -194,7 +194,7 @@ def decay_everything() -> None:
 def shift_simclr_head() -> None:
     """Patches SimCLR's projector so that its last BatchNorm learns a shift, as lightly's
     ``SimCLRProjectionHead`` does (the official head has none; an experiment, not a feature)."""
-    import ssl_lightning.methods.simclr as simclr
+    import ssl_lightning.methods.joint_embedding.simclr as simclr
 
     plain = simclr.mlp
     simclr.mlp = lambda dims, **kw: plain(dims, **{**kw, "last_center": True})  # noqa: E731

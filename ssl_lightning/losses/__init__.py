@@ -1,18 +1,28 @@
-"""Losses as plain functions: testable alone and callable from any method."""
-from ssl_lightning.losses.barlow_twins import barlow_twins_loss
-from ssl_lightning.losses.contrastive_margin import contrastive_margin_loss
-from ssl_lightning.losses.dino import DINOLoss, dino_cross_entropy, teacher_temperature
-from ssl_lightning.losses.infonce import info_nce, moco_infonce, mocov3_infonce
-from ssl_lightning.losses.muconpro import kde_terms, muconpro_loss, soft_mean
-from ssl_lightning.losses.nce import nce_logit, nce_loss
-from ssl_lightning.losses.ntxent import nt_xent
-from ssl_lightning.losses.regression import byol_loss
-from ssl_lightning.losses.simsiam import simsiam_loss
-from ssl_lightning.losses.soft_nearest_neighbour import soft_nearest_neighbour_loss
-from ssl_lightning.losses.swav import sinkhorn, swapped_prediction, swav_loss
-from ssl_lightning.losses.twist import multicrop_twist_loss, self_label_loss, teacher_twist_loss, twist_loss
-from ssl_lightning.losses.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
-from ssl_lightning.losses.wmse import cholesky_whiten, wmse_loss
+"""Losses as plain functions, testable alone and callable from any method, grouped by family
+(``joint_embedding/``, ``metric/``); every one is importable from here."""
+import sys as _sys
+
+from ssl_lightning.losses.joint_embedding.barlow_twins import barlow_twins_loss
+from ssl_lightning.losses.joint_embedding.dino import DINOLoss, dino_cross_entropy, teacher_temperature
+from ssl_lightning.losses.joint_embedding.muconpro import kde_terms, muconpro_loss, soft_mean
+from ssl_lightning.losses.joint_embedding.ntxent import nt_xent
+from ssl_lightning.losses.joint_embedding.regression import byol_loss
+from ssl_lightning.losses.joint_embedding.simsiam import simsiam_loss
+from ssl_lightning.losses.joint_embedding.swav import sinkhorn, swapped_prediction, swav_loss
+from ssl_lightning.losses.joint_embedding.twist import multicrop_twist_loss, self_label_loss, teacher_twist_loss, twist_loss
+from ssl_lightning.losses.joint_embedding.vicreg import covariance_loss, invariance_loss, variance_loss, vicreg_loss
+from ssl_lightning.losses.joint_embedding.wmse import cholesky_whiten, wmse_loss
+from ssl_lightning.losses.metric.contrastive_margin import contrastive_margin_loss
+from ssl_lightning.losses.metric.infonce import info_nce, moco_infonce, mocov3_infonce
+from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
+from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
+
+# the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
+for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
+                                            "twist", "vicreg", "wmse"),
+                        "metric": ("contrastive_margin", "infonce", "nce", "soft_nearest_neighbour")}.items():
+    for _name in _names:
+        _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{__name__}.{_family}.{_name}"])
 
 __all__ = [
     "DINOLoss",

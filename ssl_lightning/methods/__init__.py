@@ -1,17 +1,18 @@
-"""Pretraining methods; each registers itself in ``METHODS`` under its paper's name."""
-from ssl_lightning.methods.barlow_twins import BarlowTwins
-from ssl_lightning.methods.base import SSLMethod
-from ssl_lightning.methods.byol import BYOL
-from ssl_lightning.methods.dino import DINO
-from ssl_lightning.methods.moco import MoCoV1, MoCoV2
-from ssl_lightning.methods.mocov3 import MoCoV3
-from ssl_lightning.methods.muconpro import DiscPro, GenPro, MuConPro
-from ssl_lightning.methods.registry import METHODS
-from ssl_lightning.methods.simclr import SimCLR
-from ssl_lightning.methods.simsiam import SimSiam
-from ssl_lightning.methods.swav import SwAV
-from ssl_lightning.methods.twist import TWIST
-from ssl_lightning.methods.vicreg import VICReg
-from ssl_lightning.methods.wmse import WMSE
+"""Pretraining methods, grouped by family in sub-packages (``joint_embedding/``, ...); each registers
+itself in the one ``METHODS`` registry under its paper's name, and every class is importable from here."""
+import sys as _sys
 
-__all__ = ["BYOL", "BarlowTwins", "DINO", "DiscPro", "GenPro", "METHODS", "MoCoV1", "MoCoV2", "MoCoV3", "MuConPro", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "TWIST", "VICReg", "WMSE"]
+from ssl_lightning.methods import joint_embedding as _joint_embedding
+from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
+                                                   MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
+from ssl_lightning.methods.registry import METHODS
+
+# the module paths from before the families (``ssl_lightning.methods.moco.MoCoV2``): checkpoints (``_class_path``)
+# and run configs written then name them, so they still load
+for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "simclr", "simsiam", "swav", "twist",
+              "vicreg", "wmse"):
+    _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{_joint_embedding.__name__}.{_name}"])
+
+__all__ = ["BYOL", "BarlowTwins", "DINO", "DiscPro", "GenPro", "METHODS", "MoCoV1", "MoCoV2", "MoCoV3", "MuConPro",
+           "SSLMethod", "SimCLR", "SimSiam", "SwAV", "TWIST", "VICReg", "WMSE"]

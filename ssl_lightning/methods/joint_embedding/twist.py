@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.twist import (diversity, multicrop_twist_loss, self_label_loss, self_label_quantile, sharpness,
+from ssl_lightning.losses.joint_embedding.twist import (diversity, multicrop_twist_loss, self_label_loss, self_label_quantile, sharpness,
                                         teacher_twist_loss)
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
@@ -41,7 +41,7 @@ class TWIST(SSLMethod):
 
     ``p = softmax(BN(head(f)) / tau)``; ``L = 1/2 [KL(p1||p2) + KL(p2||p1)] + (1 + lambda1) mean_b H(p_b)
     - lambda2 H(mean_b p_b)``, averaged over the official multi-crop pairs (each global crop with every
-    later crop; :func:`~ssl_lightning.losses.twist.multicrop_pairs`). The head sees all crops in one pass,
+    later crop; :func:`~ssl_lightning.losses.joint_embedding.twist.multicrop_pairs`). The head sees all crops in one pass,
     so its BatchNorms normalise over all crops together, as officially.
 
     With ``momentum_teacher`` (the official ViT recipe) the consistency is ``KL(teacher_t || p_s)`` from

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.dino import DINOLoss, teacher_temperature
+from ssl_lightning.losses.joint_embedding.dino import DINOLoss, teacher_temperature
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules.ema import momentum_copy

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.wmse import wmse_loss
+from ssl_lightning.losses.joint_embedding.wmse import wmse_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 

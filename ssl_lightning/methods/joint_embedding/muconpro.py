@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ssl_lightning import distributed
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.muconpro import OBJECTIVES, kde_terms, parse_temperature
+from ssl_lightning.losses.joint_embedding.muconpro import OBJECTIVES, kde_terms, parse_temperature
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules import MemoryBank, momentum_copy
@@ -18,7 +18,7 @@ from ssl_lightning.registry import SSLError
 class MuConPro(SSLMethod):
     """M views per image; online network (backbone, projector, predictor) gives anchors z_bi, the EMA
     target network (backbone, projector) gives targets x_bj, both L2-normalised. Kernel density over
-    the other views of the same image (see :mod:`ssl_lightning.losses.muconpro`):
+    the other views of the same image (see :mod:`ssl_lightning.losses.joint_embedding.muconpro`):
 
         l_gen  = -T log 1/(M-1) sum_{j!=i} exp(z_bi.x_bj/T)
         l_disc =  l_gen + T log 1/(BM-1) sum_{(c,j)!=(b,i)} exp(z_bi.x_cj/T)   (c over the global batch)

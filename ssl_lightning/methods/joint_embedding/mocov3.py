@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.infonce import mocov3_infonce
+from ssl_lightning.losses.metric.infonce import mocov3_infonce
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules import momentum_copy

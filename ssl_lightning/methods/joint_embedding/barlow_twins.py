@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.barlow_twins import barlow_twins_loss
+from ssl_lightning.losses.joint_embedding.barlow_twins import barlow_twins_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 

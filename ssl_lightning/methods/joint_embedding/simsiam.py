@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.simsiam import normalized_std, simsiam_loss
+from ssl_lightning.losses.joint_embedding.simsiam import normalized_std, simsiam_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.optim import param_groups

@@ -7,7 +7,7 @@ from torch import nn
 
 from ssl_lightning import distributed
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.swav import swav_loss
+from ssl_lightning.losses.joint_embedding.swav import swav_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules import MemoryBank

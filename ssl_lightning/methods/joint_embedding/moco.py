@@ -12,7 +12,7 @@ from torch import nn
 
 from ssl_lightning import distributed
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.infonce import moco_infonce
+from ssl_lightning.losses.metric.infonce import moco_infonce
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules import MemoryBank, momentum_copy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ssl_lightning.heads import mlp
-from ssl_lightning.losses.vicreg import vicreg_loss
+from ssl_lightning.losses.joint_embedding.vicreg import vicreg_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.registry import METHODS
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_lightning import distributed
-from ssl_lightning.losses.barlow_twins import check_embeddings, off_diagonal
+from ssl_lightning.losses.joint_embedding.barlow_twins import check_embeddings, off_diagonal
 
 
 def invariance_loss(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
