@@ -3,7 +3,9 @@
 fresh (deliberately perturbed) model, bit for bit."""
 from __future__ import annotations
 
+import multiprocessing
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -22,8 +24,10 @@ class StopAfterFirstEpoch(L.Callback):
 
 
 class StopAt(L.Callback):
-    """Interrupts a run after global step ``step``, in ``on_train_batch_end``: stops it, or with ``signum`` sends
-    that signal to its own process (a :class:`PreemptionCheckpoint` then saves and the fit raises ``SystemExit``)."""
+    """Interrupts a run after global step ``step``, in ``on_train_batch_end``: stops it, or with ``signum`` has
+    ``kill`` send that signal to its own process and its loader workers, as schedulers do (a
+    :class:`PreemptionCheckpoint` then saves and the fit raises ``SystemExit``). From another process: torch's
+    workers take a SIGTERM from their parent as a request to exit quietly, and die of anyone else's."""
 
     def __init__(self, step: int, signum: int | None = None) -> None:
         self.step, self.signum = step, signum
@@ -33,7 +37,8 @@ class StopAt(L.Callback):
             if self.signum is None:
                 trainer.should_stop = True
             else:
-                os.kill(os.getpid(), self.signum)
+                pids = [os.getpid()] + [worker.pid for worker in multiprocessing.active_children()]
+                subprocess.run(["kill", f"-{self.signum}", *map(str, pids)], check=True)
 
 
 class BatchLog(L.Callback):

@@ -2,6 +2,7 @@
 epoch and resumed equals the run that never stopped, bit for bit, in-process and through the real command."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import shlex
@@ -64,7 +65,7 @@ def _perturb(model) -> None:  # restored state must not depend on init (queue an
     (NoisySimCLR, 0, "workers", 6, None),  # periodic save in epoch 1: batches 2-3 left, RNG
     (MoCoV2, 0, "workers", 6, None),  # periodic save: queue, key encoder, the EMA update still to come
     (SimCLR, 2, "workers", None, None),  # loader workers draw the resumed epoch's first batches before set_epoch
-    (BYOL, 2, "device", 6, signal.SIGTERM),  # preempted with workers, views made on the device
+    (BYOL, 2, "device", 5, signal.SIGTERM),  # preempted (workers signalled too), views made on the device
     (MoCoV2, 0, "workers", 5, signal.SIGUSR1),  # preempted by SIGUSR1
 ], ids=["rng-epoch-end", "rng-periodic", "mocov2-periodic", "workers-epoch-end", "byol-workers-device-sigterm",
         "mocov2-sigusr1"])
@@ -101,6 +102,24 @@ def test_sigterm_in_the_sanity_check_saves_nothing(tmp_path, capfd):
     assert stopped.value.code == 143 and trainer.global_step == 0
     assert "Stopped by SIGTERM during the sanity check: no checkpoint saved." in capfd.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_loader_workers_outlive_a_schedulers_sigterm_but_not_their_loaders():
+    """Schedulers signal every process of a job: a worker ignores another process's SIGTERM (and SIGUSR1) and keeps
+    serving batches, while its parent can still stop it (``terminate()``), as with torch's own workers."""
+    data = _data(num_workers=1)()
+    data.setup("fit")
+    batches = iter(data.train_dataloader())
+    next(batches)
+    (worker,) = multiprocessing.active_children()
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    subprocess.run(["kill", "-USR1", str(worker.pid)], check=True)
+    for _ in range(3):  # every remaining batch of the epoch
+        next(batches)
+    assert worker.is_alive()
+    worker.terminate()
+    worker.join(timeout=10)
+    assert worker.exitcode == 0  # a quiet exit, not a death by signal
 
 
 # ---- the real command: SIGTERM to an `ssl-lightning fit` process mid-epoch, then the printed resume command ---------

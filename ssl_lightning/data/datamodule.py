@@ -29,6 +29,7 @@ from ssl_lightning.data.batch_views import BatchMultiView
 from ssl_lightning.data.datasets import DATASETS, DatasetSpec
 from ssl_lightning.data.sampler import SeededSampler
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, eval_transform, view_preset
+from ssl_lightning.data.workers import survive_stop_signals
 from ssl_lightning.registry import SSLError
 from ssl_lightning.resume import next_batch_position
 
@@ -234,8 +235,10 @@ class SSLDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset, batch_size: int, cls: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
         # an own generator for the workers' base seed: iterating a loader leaves the global RNG alone, so that it
         # is at the same place after a resume (see ssl_lightning.resume)
+        workers = self.num_workers > 0
         return cls(ds, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                   persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed), **kwargs)
+                   persistent_workers=workers, generator=torch.Generator().manual_seed(self.seed),
+                   worker_init_fn=survive_stop_signals if workers else None, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.pretrain_set is None:
