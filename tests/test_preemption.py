@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -69,11 +70,12 @@ def _perturb(model) -> None:  # restored state must not depend on init (queue an
     (MoCoV2, 0, "workers", 5, signal.SIGUSR1),  # preempted by SIGUSR1
 ], ids=["rng-epoch-end", "rng-periodic", "mocov2-periodic", "workers-epoch-end", "byol-workers-device-sigterm",
         "mocov2-sigusr1"])
-def test_mid_epoch_resume_is_exact(cls, workers, augment, stop_at, signum, tmp_path):
+def test_mid_epoch_resume_is_exact(cls, workers, augment, stop_at, signum, tmp_path, recwarn):
     # parameters, buffers (BN, queue), teacher, probe, optimizer state, lr schedule, the batches' samples and views,
     # the global RNG: bit-identical to 2 epochs without stopping
     runs = check_resume_is_exact(_model(cls), _data(workers, augment), tmp_path, perturb=_perturb, stop_at=stop_at,
                                  signum=signum)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]  # Lightning knows the loader resumes
     position = runs.checkpoint["SSLDataModule"]
     if stop_at is None:
         assert (position["train_epoch"], position["train_batches_done"]) == (1, 0)
@@ -84,6 +86,21 @@ def test_mid_epoch_resume_is_exact(cls, workers, augment, stop_at, signum, tmp_p
     assert pending == (cls is MoCoV2 and stop_at is not None and signum is None)  # only where ModelCheckpoint saves
     if cls is MoCoV2:
         assert int(runs.straight.state_dict()["queue.filled"]) == 16
+
+
+def test_the_data_position_is_used_once(tmp_path):
+    """A restored position shapes the next training loader only (a later fit starts at epoch 0), and a resume
+    with another batch size says that it is not the interrupted run."""
+    data = _data()()
+    data.setup("fit")
+    data.load_state_dict({"train_epoch": 1, "train_batches_done": 3, "batch_size": 8, "world_size": 1})
+    resumed, fresh = data.train_dataloader(), data.train_dataloader()
+    assert (resumed.sampler.epoch, resumed.sampler.skip, len(resumed)) == (1, 24, 4)  # len: the whole epoch
+    assert len(list(resumed)) == 1 and (fresh.sampler.epoch, fresh.sampler.skip, len(list(fresh))) == (0, 0, 4)
+    other = SSLDataModule("synthetic", batch_size=4, num_workers=0, pin_memory=False, image_size=16,
+                          dataset_options={"size": 32, "image_size": 16, "channels": 1})
+    with pytest.warns(UserWarning, match="batch size x processes 4 x 1 instead of the checkpoint's 8 x 1"):
+        other.load_state_dict({"train_epoch": 1, "train_batches_done": 3, "batch_size": 8, "world_size": 1})
 
 
 def test_sigterm_in_the_sanity_check_saves_nothing(tmp_path, capfd):
@@ -104,6 +121,53 @@ def test_sigterm_in_the_sanity_check_saves_nothing(tmp_path, capfd):
     assert os.listdir(tmp_path) == []
 
 
+class CountingSaves(PreemptionCheckpoint):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps: list[int] = []
+
+    def save(self, trainer):
+        self.steps.append(trainer.global_step)
+        return super().save(trainer)
+
+
+@pytest.mark.parametrize("trigger,steps", [({"every_n_train_steps": 3}, [3, 6]),
+                                           ({"train_time_interval": timedelta(0)}, [1, 2, 3, 4, 5, 6, 7, 8])])
+def test_periodic_saves(trigger, steps, tmp_path):
+    saver = CountingSaves(dirpath=str(tmp_path), **trigger)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[saver])
+    trainer.fit(_model(SimCLR)(), _data()())
+    assert saver.steps == steps
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == steps[-1]
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_cli_gives_mid_epoch_saves_to_the_preemption_checkpoint(tmp_path, monkeypatch):
+    """--checkpoint.every_n_train_steps / train_time_interval refresh last.ckpt within epochs and the ModelCheckpoint
+    keeps its end-of-epoch saves; with a file name of one's own they stay plain ModelCheckpoint options."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ssl_lightning.cli import SSLCLI
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--model", "simclr", "--data.dataset", "synthetic", "--trainer.logger", "false"]
+
+    def callbacks(*extra):
+        trainer = SSLCLI(args=base + list(extra), run=False).trainer  # no subcommand: instantiated, not run
+        (saver,) = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
+        return saver, trainer.checkpoint_callback
+
+    saver, epochs = callbacks("--checkpoint.train_time_interval", "0:30:00")
+    assert saver.train_time_interval == timedelta(minutes=30) and saver.every_n_train_steps is None
+    assert isinstance(epochs, ModelCheckpoint) and epochs._every_n_epochs == 1 and epochs._train_time_interval is None
+    saver, epochs = callbacks("--checkpoint.every_n_train_steps", "500")
+    assert saver.every_n_train_steps == 500 and epochs._every_n_epochs == 1 and epochs._every_n_train_steps == 0
+    assert saver.resume_command.startswith("ssl-lightning fit --config {config}")
+    saver, steps = callbacks("--checkpoint.every_n_train_steps", "500", "--checkpoint.filename", "{step}")
+    assert saver.every_n_train_steps is None and steps._every_n_train_steps == 500 and steps._every_n_epochs == 0
+
+
 def test_loader_workers_outlive_a_schedulers_sigterm_but_not_their_loaders():
     """Schedulers signal every process of a job: a worker ignores another process's SIGTERM (and SIGUSR1) and keeps
     serving batches, while its parent can still stop it (``terminate()``), as with torch's own workers."""
@@ -120,6 +184,41 @@ def test_loader_workers_outlive_a_schedulers_sigterm_but_not_their_loaders():
     worker.terminate()
     worker.join(timeout=10)
     assert worker.exitcode == 0  # a quiet exit, not a death by signal
+
+
+class SignalOneProcess(L.Callback):
+    """Sends ``signum`` to the process of rank ``rank`` only, after global step ``step``."""
+
+    def __init__(self, rank: int, step: int, signum: int) -> None:
+        self.rank, self.step, self.signum = rank, step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_ddp_processes_stop_together_when_one_is_signalled(tmp_path, monkeypatch):
+    """2 gloo processes, SIGTERM to rank 1 only, mid-epoch: both stop after the same batch (Lightning's own DDP
+    handling would leave rank 0 running into the next step's collective), rank 0 saves, both exit with 143."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from ddp_utils import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    data = SSLDataModule("synthetic", batch_size=8, num_workers=0, pin_memory=False, image_size=16,
+                         dataset_options={"size": 64, "image_size": 16, "channels": 1})  # 4 steps per epoch
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                        callbacks=[SignalOneProcess(1, 5, signal.SIGTERM), PreemptionCheckpoint(dirpath=str(tmp_path))])
+    with pytest.raises(torch.multiprocessing.ProcessExitedException) as stopped:
+        trainer.fit(_model(MoCoV2)(), data)
+    assert stopped.value.exit_code == 143
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 5 and ckpt["SSLDataModule"]["train_epoch"] == 1
+    assert ckpt["SSLDataModule"]["train_batches_done"] == 1 and ckpt["SSLDataModule"]["world_size"] == 2
+    assert ckpt["ssl_lightning"]["teacher_update_pending"]  # saved at the batch's end, before the EMA update
 
 
 # ---- the real command: SIGTERM to an `ssl-lightning fit` process mid-epoch, then the printed resume command ---------
