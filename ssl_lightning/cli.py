@@ -8,6 +8,8 @@
 Every run writes into ``--run_dir`` (default ``runs/<method>-<dataset>-<time>``): the resolved
 ``config.yaml``, ``checkpoints/`` and the logger's files (W&B offline runs, CSV, TensorBoard): a
 logger's relative ``save_dir`` is taken inside the run directory (``.`` = the run directory).
+On SIGTERM / SIGUSR1 a run saves ``checkpoints/last.ckpt`` after the current batch, prints the resume
+command and exits with 143 / 138 (:class:`~ssl_lightning.callbacks.PreemptionCheckpoint`).
 """
 from __future__ import annotations
 
@@ -19,10 +21,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from ssl_lightning.callbacks import ClusterMonitor, KNNMonitor
+from ssl_lightning.callbacks import ClusterMonitor, KNNMonitor, PreemptionCheckpoint
 from ssl_lightning.data import SSLDataModule
 from ssl_lightning.methods import SSLMethod
 from ssl_lightning.registry import SSLError
+
+
+EPOCH_FILENAME = "epoch{epoch:03d}"  # checkpoints/epoch004.ckpt
+MID_EPOCH_KEYS = ("every_n_train_steps", "train_time_interval")  # --checkpoint.*: periodic saves of last.ckpt
+RESUME_COMMAND = "ssl-lightning fit --config {config} --ckpt_path {ckpt}"  # printed when a run is preempted
 
 
 class RunDirConfig(SaveConfigCallback):
@@ -44,7 +51,8 @@ class SSLCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunDirConfig)
         kwargs.setdefault("trainer_defaults", {"callbacks": [RichProgressBar(leave=True), LearningRateMonitor("step"),
-                                                             ClusterMonitor()]})
+                                                             ClusterMonitor(), PreemptionCheckpoint(
+                                                                 resume_command=RESUME_COMMAND)]})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(SSLMethod, SSLDataModule, *args, subclass_mode_model=True, **kwargs)
 
@@ -59,7 +67,7 @@ class SSLCLI(LightningCLI):
                             help="Run directory (config, checkpoints, logs); default runs/<method>-<dataset>-<time>.")
         parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "epoch{epoch:03d}",
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": EPOCH_FILENAME,
                              "checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
@@ -83,6 +91,22 @@ class SSLCLI(LightningCLI):
             if init is not None and "save_dir" in init:
                 init.save_dir = _inside(cfg.run_dir, init.save_dir or ".")
 
+    def instantiate_classes(self) -> None:
+        # --checkpoint.every_n_train_steps / train_time_interval with the default file names: saves of last.ckpt within
+        # epochs, by the PreemptionCheckpoint; the ModelCheckpoint keeps its end-of-epoch saves (a ModelCheckpoint
+        # does one or the other, and would leave the end of training unsaved). config.yaml keeps the settings.
+        cfg = (self.config[self.subcommand] if self.subcommand else self.config).checkpoint
+        self._mid_epoch = {}
+        if cfg.filename == EPOCH_FILENAME and any(cfg.get(k) for k in MID_EPOCH_KEYS):
+            self._mid_epoch = {k: cfg.get(k) for k in MID_EPOCH_KEYS}
+            for k in MID_EPOCH_KEYS:
+                setattr(cfg, k, None)
+        try:
+            super().instantiate_classes()
+        finally:
+            for k, v in self._mid_epoch.items():
+                setattr(cfg, k, v)
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer with the CLI's own callbacks (``--checkpoint`` ModelCheckpoint, ``--knn`` KNNMonitor,
         RichProgressBar, LearningRateMonitor, ClusterMonitor) less those that step aside for the user's
@@ -95,6 +119,10 @@ class SSLCLI(LightningCLI):
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         extra = [c for c in extra if not _steps_aside(c, trainer, given)]
         defaults = [c for c in self.trainer_defaults.get("callbacks", []) if not _steps_aside(c, trainer, given)]
+        for c in defaults + given:  # --checkpoint.every_n_train_steps / train_time_interval: the PreemptionCheckpoint's
+            for k, v in getattr(self, "_mid_epoch", {}).items():
+                if isinstance(c, PreemptionCheckpoint) and getattr(c, k) is None:
+                    setattr(c, k, v)
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
         try:
             return self._instantiate_trainer(trainer, extra)
@@ -135,6 +163,7 @@ def _steps_aside(callback, trainer: dict, given: list) -> bool:
     if any(isinstance(c, kind) for c in given) or trainer.get("barebones"):
         return True
     off = {ModelCheckpoint: trainer.get("enable_checkpointing") is False,
+           PreemptionCheckpoint: trainer.get("enable_checkpointing") is False,
            ProgressBar: trainer.get("enable_progress_bar") is False,
            LearningRateMonitor: trainer.get("logger") is False or trainer.get("logger") == []}
     return any(off_ and isinstance(callback, cls) for cls, off_ in off.items())

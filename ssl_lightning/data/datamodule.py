@@ -31,7 +31,9 @@ from ssl_lightning.data.folder import ImageFolderDataset
 from ssl_lightning.data.image_size import ImageSides, image_sides, size_for, upsampling_warning
 from ssl_lightning.data.sampler import SeededSampler
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, eval_transform, view_preset
+from ssl_lightning.data.workers import survive_stop_signals
 from ssl_lightning.registry import SSLError
+from ssl_lightning.resume import next_batch_position
 
 TRAIN_EVAL, VAL = 0, 1  # validation dataloader indices
 
@@ -96,6 +98,18 @@ class TransformDataset(Dataset):
     def __getitem__(self, i: int):
         image, label = self.base[i]
         return self.transform(image), label
+
+
+class ResumableLoader(DataLoader):
+    """The training loader. Its own state is empty: the position in the epoch is saved and restored by
+    :meth:`SSLDataModule.state_dict` (from the trainer's batch counter, which a prefetching loader cannot
+    know); having ``state_dict``/``load_state_dict`` tells Lightning that it resumes mid-epoch correctly."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
@@ -182,6 +196,7 @@ class SSLDataModule(L.LightningDataModule):
         self.pretrain_set: Dataset | None = None
         self.eval_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     # ---- what the model needs to know before the data is loaded (linked by the CLI) -------------
     @property
@@ -272,16 +287,45 @@ class SSLDataModule(L.LightningDataModule):
                 self.val_set = TransformDataset(_subset(val, self.val_subset, self.seed), evaluate)
 
     # ---- loaders ------------------------------------------------------------------------------------
-    def _loader(self, ds: Dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+    def _loader(self, ds: Dataset, batch_size: int, cls: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        # an own generator for the workers' base seed: iterating a loader leaves the global RNG alone, so that it
+        # is at the same place after a resume (see ssl_lightning.resume)
+        workers = self.num_workers > 0
+        return cls(ds, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                   persistent_workers=workers, generator=torch.Generator().manual_seed(self.seed),
+                   worker_init_fn=survive_stop_signals if workers else None, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.pretrain_set is None:
             self.setup("fit")
-        sampler = SeededSampler(self.pretrain_set, seed=self.seed)
+        epoch, done = self._resume_at or (0, 0)
+        self._resume_at = None  # once: a later fit without ckpt_path starts at epoch 0
+        sampler = SeededSampler(self.pretrain_set, seed=self.seed, epoch=epoch, skip=done * self.batch_size)
         collate = {"collate_fn": collate_raw} if self.augment == "device" else {}
-        return self._loader(self.pretrain_set, self.batch_size, sampler=sampler, drop_last=True, **collate)
+        return self._loader(self.pretrain_set, self.batch_size, ResumableLoader, sampler=sampler, drop_last=True,
+                            **collate)
+
+    # ---- resuming mid-epoch --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the epoch of the next training batch and how many of its batches (per process)
+        are done, so that a resumed run trains the rest of that epoch on the same samples with the same views."""
+        if self.trainer is None:
+            return {}
+        epoch, done = next_batch_position(self.trainer)
+        return {"train_epoch": epoch, "train_batches_done": done, "batch_size": self.batch_size,
+                "world_size": self.trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called by Lightning when resuming, before :meth:`train_dataloader`."""
+        if "train_epoch" not in state_dict:
+            return
+        self._resume_at = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
+        saved = (state_dict.get("batch_size"), state_dict.get("world_size"))
+        now = (self.batch_size, self.trainer.world_size if self.trainer is not None else saved[1])
+        if self._resume_at[1] and saved != now:
+            rank_zero_warn(f"Resuming mid-epoch with batch size x processes {now[0]} x {now[1]} instead of the "
+                           f"checkpoint's {saved[0]} x {saved[1]}: the rest of epoch {self._resume_at[0]} skips "
+                           f"{self._resume_at[1]} batches of the new size, so it is not the interrupted run's.")
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_set is None:

@@ -23,6 +23,7 @@ from ssl_lightning.modules.ema import cosine_momentum, ema_update
 from ssl_lightning.modules.nonfinite import NonFiniteGuard, NonFiniteMode
 from ssl_lightning.modules.probe import OnlineLinearProbe
 from ssl_lightning.optim import build_optimizer, param_groups, warmup_cosine
+from ssl_lightning.resume import rng_states, set_rng_states
 
 LossOutput = torch.Tensor | dict[str, torch.Tensor]
 
@@ -88,6 +89,7 @@ class SSLMethod(L.LightningModule):
             self.probe = OnlineLinearProbe(self.backbone.num_features, num_classes)
         self._ema_step = -1
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_consecutive_skips)
+        self._resumed: dict[str, Any] | None = None  # what on_load_checkpoint read, applied in on_train_start
         if compile:
             self.backbone.compile()
 
@@ -206,19 +208,30 @@ class SSLMethod(L.LightningModule):
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step
         self.nonfinite.start()
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and self.trainer.ckpt_path is not None:  # a resumed fit, not load_from_checkpoint
+            if resumed.get("teacher_update_pending"):
+                self.update_teachers()
+            set_rng_states(resumed["rng_states"], self.device)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.nonfinite.after_batch(self)  # every log_every_n_steps batches: raises if a loss was NaN / inf
-        pairs = self.momentum_pairs()
-        if not pairs or self.trainer.global_step == self._ema_step:  # no optimizer step this batch
-            return
+        if self.momentum_pairs() and self.trainer.global_step != self._ema_step:  # after an optimizer step
+            m = self.update_teachers()
+            if m is not None:
+                self.log("train/teacher_momentum", m)
+
+    @torch.no_grad()
+    def update_teachers(self) -> float | None:
+        """The EMA update after optimizer step ``global_step - 1``; returns its momentum (None: the step's update
+        was dropped by ``on_nonfinite=skip``, and the teachers stay too)."""
         self._ema_step = self.trainer.global_step
         if self.nonfinite.update_dropped:  # on_nonfinite=skip dropped this step: the teachers stay too
-            return
+            return None
         m = self.teacher_momentum()
-        for student, teacher in pairs:
+        for student, teacher in self.momentum_pairs():
             ema_update(teacher, student, m)
-        self.log("train/teacher_momentum", m)
+        return m
 
     def teacher_momentum(self) -> float:
         """Momentum for the update after optimizer step ``global_step - 1`` (BYOL's cosine schedule)."""
@@ -232,11 +245,22 @@ class SSLMethod(L.LightningModule):
     def on_validation_start(self) -> None:
         self.nonfinite.check(self)  # no validation (kNN, probe, clusters) of a model that already went NaN
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite.check(self, checkpoint["state_dict"])  # raising here aborts the write
-
     def on_train_end(self) -> None:
         self.nonfinite.finish(self)  # a non-finite step after the last check
+
+    # ---- checkpoints: no non-finite state; exact resume (also mid-epoch; the data position is the datamodule's) ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a non-finite state (the NaN guard raises, which aborts the write). Saves the global RNG states
+        (rank 0's: every process restores them), so that a loss drawing from the global RNG continues with the same
+        numbers, and whether the teachers' EMA update of the last optimizer step is still to come:
+        ``ModelCheckpoint(every_n_train_steps)`` saves in the callbacks' ``on_train_batch_end``, which runs before
+        this module's (the update). Both are applied when the fit resumes."""
+        self.nonfinite.check(self, checkpoint["state_dict"])
+        pending = bool(self.momentum_pairs()) and 0 <= self._ema_step != self.trainer.global_step
+        checkpoint["ssl_lightning"] = {"rng_states": rng_states(self.device), "teacher_update_pending": pending}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed = checkpoint.get("ssl_lightning")
 
     # ---- weight-decay schedule (DINO, TWIST-ViT: methods with a ``weight_decay_end`` hyperparameter) ---------
     def weight_decay_at(self, step: int) -> float:
