@@ -102,7 +102,7 @@ def check_resume_is_exact(make_model: Callable[[], L.LightningModule], make_data
     third with ``perturb`` (restored state must not depend on the fresh model's) and resumes it.
 
     The interruption: ``stop_at`` None: after the first epoch (checkpoint saved after ``fit``); ``stop_at=k``: after
-    global step k, mid-epoch, the checkpoint saved by :class:`PreemptionCheckpoint`: by its periodic save
+    global step k (mid-epoch, or on an epoch's last batch), the checkpoint saved by :class:`PreemptionCheckpoint`: by its periodic save
     (``every_n_train_steps=k``, in ``on_train_batch_end``, where ``ModelCheckpoint`` saves too), or on ``signum``
     (SIGTERM, SIGUSR1) sent to the process there, and then the ``fit`` must end in ``SystemExit(128 + signum)``.
 
@@ -128,7 +128,7 @@ def check_resume_is_exact(make_model: Callable[[], L.LightningModule], make_data
         assert t_first.current_epoch == 1 and t_first.global_step == per_epoch
         t_first.save_checkpoint(ckpt)
     else:
-        assert 0 < stop_at < t_straight.global_step and stop_at % per_epoch, "stop_at must be inside an epoch"
+        assert 0 < stop_at < t_straight.global_step
         callbacks = [log_first, StopAt(stop_at, signum), PreemptionCheckpoint(
             dirpath=str(tmp_path), filename=ckpt.name, every_n_train_steps=stop_at if signum is None else None)]
         t_first = trainer(max_epochs, callbacks, **trainer_kwargs)

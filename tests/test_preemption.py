@@ -21,7 +21,7 @@ import yaml
 
 from ssl_lightning import SSLDataModule
 from ssl_lightning.callbacks import PreemptionCheckpoint
-from ssl_lightning.methods import BYOL, MoCoV2, SimCLR
+from ssl_lightning.methods import BYOL, WMSE, MoCoV2, SimCLR
 
 from resume_utils import check_resume_is_exact  # tests/ is on sys.path
 
@@ -40,11 +40,15 @@ class NoisySimCLR(SimCLR):
 def _model(cls):
     def make():
         L.seed_everything(0)
-        extra = dict(queue_size=16, momentum_base=0.9) if cls is MoCoV2 else dict(proj_hidden=32)
+        extra = dict(queue_size=16, momentum_base=0.9, proj_out=16) if cls is MoCoV2 else dict(proj_hidden=32)
         if cls is BYOL:
             extra.update(pred_hidden=32, momentum_base=0.9)
+        if cls is WMSE:  # whitening of 8-sample sub-batches, 2 random permutations per step
+            extra.update(emb=4, w_size=8, w_iter=2)
+        elif cls is not MoCoV2:
+            extra.update(proj_out=16)
         return cls(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=10, optimizer="sgd",
-                   lr=0.5, warmup_epochs=1, proj_out=16, **extra)
+                   lr=0.5, warmup_epochs=1, **extra)
     return make
 
 
@@ -64,13 +68,15 @@ def _perturb(model) -> None:  # restored state must not depend on init (queue an
 @pytest.mark.parametrize("cls,workers,augment,stop_at,signum", [
     (NoisySimCLR, 0, "workers", None, None),  # end of epoch 0: the global RNG across the epoch boundary
     (NoisySimCLR, 0, "workers", 6, None),  # periodic save in epoch 1: batches 2-3 left, RNG
+    (WMSE, 0, "workers", 6, None),  # a method whose loss draws from the global RNG (W-MSE's permutations)
     (MoCoV2, 0, "workers", 6, None),  # periodic save: queue, key encoder, the EMA update still to come
+    (MoCoV2, 0, "workers", 4, None),  # periodic save on the epoch's last batch, before the epoch ends
     (SimCLR, 2, "workers", None, None),  # loader workers draw the resumed epoch's first batches before set_epoch
     (BYOL, 2, "device", 5, signal.SIGTERM),  # preempted (workers signalled too), views made on the device
     (MoCoV2, 0, "workers", 5, signal.SIGUSR1),  # preempted by SIGUSR1
-], ids=["rng-epoch-end", "rng-periodic", "mocov2-periodic", "workers-epoch-end", "byol-workers-device-sigterm",
-        "mocov2-sigusr1"])
-def test_mid_epoch_resume_is_exact(cls, workers, augment, stop_at, signum, tmp_path, recwarn):
+], ids=["rng-epoch-end", "rng-periodic", "wmse-periodic", "mocov2-periodic", "mocov2-periodic-last-batch", "workers-epoch-end",
+        "byol-workers-device-sigterm", "mocov2-sigusr1"])
+def test_resume_from_any_checkpoint_is_exact(cls, workers, augment, stop_at, signum, tmp_path, recwarn):
     # parameters, buffers (BN, queue), teacher, probe, optimizer state, lr schedule, the batches' samples and views,
     # the global RNG: bit-identical to 2 epochs without stopping
     runs = check_resume_is_exact(_model(cls), _data(workers, augment), tmp_path, perturb=_perturb, stop_at=stop_at,
@@ -79,11 +85,11 @@ def test_mid_epoch_resume_is_exact(cls, workers, augment, stop_at, signum, tmp_p
     position = runs.checkpoint["SSLDataModule"]
     if stop_at is None:
         assert (position["train_epoch"], position["train_batches_done"]) == (1, 0)
-    else:  # epoch 1 of 4 steps, stop_at - 4 batches done: the resumed run trained only the rest of it
+    else:  # epoch 1 of 4 steps, stop_at - 4 batches done (0: it starts): the resumed run trained only the rest
         assert (position["train_epoch"], position["train_batches_done"]) == (1, stop_at - 4)
         assert [(r[0], r[1]) for r in runs.log[stop_at:]] == [(1, b) for b in range(stop_at - 4, 4)]
     pending = runs.checkpoint["ssl_lightning"]["teacher_update_pending"]
-    assert pending == (cls is MoCoV2 and stop_at is not None and signum is None)  # only where ModelCheckpoint saves
+    assert pending == (cls is MoCoV2 and stop_at is not None and signum is None)  # saved in on_train_batch_end
     if cls is MoCoV2:
         assert int(runs.straight.state_dict()["queue.filled"]) == 16
 

@@ -120,7 +120,8 @@ class PreemptionCheckpoint(L.Callback):
             return
         due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
         if self.train_time_interval is not None:  # rank 0's clock decides, so that every process saves
-            due = trainer.strategy.broadcast(due or time.monotonic() - since >= self.train_time_interval.total_seconds())
+            elapsed = time.monotonic() - since >= self.train_time_interval.total_seconds()
+            due = trainer.strategy.broadcast(due or elapsed)
         if due:
             self.save(trainer)
             self._last_save = (trainer.global_step, time.monotonic())
