@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_lightning import SSLDataModule
+from ssl_lightning.evaluation.checkpoint import load_module
 from ssl_lightning.losses import nat_assign, nat_loss, npid_nce_loss, npid_nce_probs, npid_softmax_loss
 from ssl_lightning.methods import METHODS, NPID, NoiseAsTargets
 from ssl_lightning.modules import FrozenNormaliser, IndexedBank, NoiseTargets, last_occurrence
@@ -246,6 +247,8 @@ def test_npid_resume_is_exact(nce_k, tmp_path):
         assert int(sd["noise.draws"]) == runs.t_straight.global_step
     else:
         assert "normaliser.z" not in sd
+    loaded = load_module(tmp_path / "epoch1.ckpt", method="npid")  # the evaluation commands' loader
+    assert torch.equal(loaded.memory.bank, runs.first.memory.bank) and loaded.hparams.num_samples == 32
 
 
 def test_nat_resume_is_exact(tmp_path):

@@ -107,14 +107,15 @@ class NPID(SSLMethod):
         if self.memory is None:
             raise SSLError("NPID's memory bank is not built: set model.init_args.num_samples, or train through a "
                            "Trainer with the datamodule (setup reads the training set's size)")
-        v = self.embed(feats[0])
+        v = self.embed(feats[0]).float()
         index = index.to(v.device)
         hp = self.hparams
-        if hp.nce_k == 0:
-            loss = npid_softmax_loss(v, self.memory.bank.clone(), index, hp.temperature)  # clone: updated below
-        else:
-            idx = torch.cat([index[:, None], self.noise.sample(index.shape[0], hp.nce_k, v.device)], dim=1)
-            scores = npid_nce_probs(v, self.memory.rows(idx), hp.temperature, 1.0)  # exp(m.v / T)
-            loss = npid_nce_loss(scores / self.normaliser(scores), self.memory.num_samples)
+        with torch.autocast(v.device.type, enabled=False):  # m.v / T in float32: bf16 would round the logits
+            if hp.nce_k == 0:
+                loss = npid_softmax_loss(v, self.memory.bank.clone(), index, hp.temperature)  # clone: updated below
+            else:
+                idx = torch.cat([index[:, None], self.noise.sample(index.shape[0], hp.nce_k, v.device)], dim=1)
+                scores = npid_nce_probs(v, self.memory.rows(idx), hp.temperature, 1.0)  # exp(m.v / T)
+                loss = npid_nce_loss(scores / self.normaliser(scores), self.memory.num_samples)
         self.memory.update(index, v)  # after the loss; every process's rows, rank order
         return loss
