@@ -115,7 +115,7 @@ def test_indexed_bank_init_momentum_update_unit_norm_and_only_batch_rows():
         torch.testing.assert_close(bank.bank[index].norm(dim=1), torch.ones(6))
 
 
-def test_indexed_bank_duplicate_index_last_row_wins_and_bad_index_fails():
+def test_indexed_bank_duplicate_index_last_row_wins():
     bank = IndexedBank(5, 3, seed=0)
     before = bank.bank.clone()
     values = torch.eye(3)
@@ -123,8 +123,6 @@ def test_indexed_bank_duplicate_index_last_row_wins_and_bad_index_fails():
     torch.testing.assert_close(bank.bank[2], F.normalize(0.5 * before[2] + 0.5 * values[2], dim=0))
     torch.testing.assert_close(bank.bank[4], F.normalize(0.5 * before[4] + 0.5 * values[1], dim=0))
     assert last_occurrence(torch.tensor([3, 1, 3, 0, 1])).tolist() == [3, 4, 2]
-    with pytest.raises(IndexError, match="whole training set"):
-        bank.update(torch.tensor([5]), torch.ones(1, 3))
 
 
 def test_frozen_normaliser_computed_once_then_frozen_and_restored():
@@ -260,3 +258,23 @@ def test_nat_resume_is_exact(tmp_path):
     runs = check_resume_is_exact(model, _data, tmp_path, perturb=_perturb_all)
     assignment = runs.straight.state_dict()["noise_targets.assignment"]
     assert sorted(assignment.tolist()) == list(range(32)) and not torch.equal(assignment, torch.arange(32))
+
+
+def test_nat_reads_back_only_the_similarity_matrix_and_npid_nce_nothing(tmp_path):
+    """The Hungarian algorithm runs on the host: NAT's one device read per step is the batch's B x B similarities.
+    NPID's NCE form (Z, noise draws) reads nothing (the exact softmax is in test_step_hygiene.py's list)."""
+    from test_step_hygiene import CountReads, _cli
+
+    cli = _cli("nat", tmp_path)
+    counter = CountReads()
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3 and cli.model.hparams.num_samples == 64
+    assert counter.reads == ["numpy", "numpy"], counter.reads  # batches 2 and 3 (the first is not counted)
+
+    cli = _cli("npid", tmp_path / "nce", "--model.init_args.nce_k", "8")  # the NCE form: Z, noise draws
+    counter = CountReads()
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3 and cli.model.normaliser.is_frozen
+    assert counter.reads == [], counter.reads

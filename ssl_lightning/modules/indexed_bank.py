@@ -65,10 +65,7 @@ class IndexedBank(nn.Module):
     def update(self, index: torch.Tensor, values: torch.Tensor, gather: bool = True) -> None:
         """Momentum update of rows ``index`` (B,) with ``values`` (B, dim), then renormalised (see the class)."""
         index, values = gather_rows(index, values, gather)
-        index = index.to(self.bank.device)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
-            raise IndexError(f"IndexedBank of {self.num_samples} rows got sample indices in "
-                             f"[{int(index.min())}, {int(index.max())}]: the bank must span the whole training set")
+        index = index.to(self.bank.device)  # in range: the methods check num_samples against the data in setup
         keep = last_occurrence(index)
         index, values = index[keep], values[keep.to(values.device)].to(self.bank)
         mixed = self.bank[index].mul_(self.momentum).add_(values, alpha=1 - self.momentum)

@@ -35,7 +35,7 @@ class FrozenNormaliser(nn.Module):
                                                                                    dtype=torch.float64,
                                                                                    device=exp_scores.device)])
             stats = distributed.gather(stats[None]).sum(0) if gather else stats
-            self.z.fill_(float(stats[0] / stats[1]) * self.num_samples)
+            self.z.copy_(stats[0] / stats[1] * self.num_samples)  # on the device: no host read
             self._frozen = True
         return self.z
 
