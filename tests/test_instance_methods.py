@@ -123,6 +123,9 @@ def test_indexed_bank_duplicate_index_last_row_wins():
     torch.testing.assert_close(bank.bank[2], F.normalize(0.5 * before[2] + 0.5 * values[2], dim=0))
     torch.testing.assert_close(bank.bank[4], F.normalize(0.5 * before[4] + 0.5 * values[1], dim=0))
     assert last_occurrence(torch.tensor([3, 1, 3, 0, 1])).tolist() == [3, 4, 2]
+    kept = bank.bank.clone()
+    bank.update(torch.tensor([1, 3]), torch.tensor([[float("nan"), 0, 0], [0, 1, 0]]))  # a NaN embedding
+    assert torch.equal(bank.bank[1], kept[1]) and not torch.equal(bank.bank[3], kept[3])
 
 
 def test_frozen_normaliser_computed_once_then_frozen_and_restored():
@@ -155,6 +158,8 @@ def test_nat_assign_is_optimal_against_brute_force():
         best = min(itertools.permutations(range(4)),
                    key=lambda p: sum(float((f[j] - c[p[j]]).pow(2).sum()) for j in range(4)))
         assert perm.tolist() == list(best)
+    f[1] = float("nan")  # a NaN feature (a step on_nonfinite=skip drops): still a permutation
+    assert sorted(nat_assign(f, c).tolist()) == [0, 1, 2, 3]
 
 
 def test_noise_targets_unit_sphere_and_assignment_stays_a_permutation():

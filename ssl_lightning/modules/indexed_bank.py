@@ -39,7 +39,7 @@ class IndexedBank(nn.Module):
     * :meth:`update` (after the loss): ``m_i <- momentum * m_i + (1 - momentum) * v_i``, then renormalised, for
       the batch's own rows only. Indices and values of every process are gathered in rank order first; a sample
       present twice keeps its last row's update (from the row's old value), so every process holds the same
-      bank as one process on the global batch.
+      bank as one process on the global batch. A non-finite row is not written (the sample keeps its old row).
     """
 
     def __init__(self, num_samples: int, dim: int, momentum: float = 0.5, seed: int = 0) -> None:
@@ -68,5 +68,7 @@ class IndexedBank(nn.Module):
         index = index.to(self.bank.device)  # in range: the methods check num_samples against the data in setup
         keep = last_occurrence(index)
         index, values = index[keep], values[keep.to(values.device)].to(self.bank)
-        mixed = self.bank[index].mul_(self.momentum).add_(values, alpha=1 - self.momentum)
-        self.bank.index_copy_(0, index, F.normalize(mixed, dim=1))
+        old = self.bank[index]
+        mixed = F.normalize(old * self.momentum + values * (1 - self.momentum), dim=1)
+        finite = torch.isfinite(mixed).all(dim=1, keepdim=True)  # a NaN / inf embedding (a step that
+        self.bank.index_copy_(0, index, torch.where(finite, mixed, old))  # on_nonfinite=skip drops) writes nothing
