@@ -15,7 +15,7 @@ from torch import nn
 from ssl_lightning import distributed
 from ssl_lightning.heads import mlp
 from ssl_lightning.losses import nt_xent
-from ssl_lightning.methods import BYOL, SimCLR
+from ssl_lightning.methods import BYOL, NPID, NoiseAsTargets, SimCLR
 from ssl_lightning.modules import MemoryBank, ema_update, momentum_copy
 from ssl_lightning.semi import TemporalEnsemble
 
@@ -31,7 +31,9 @@ GRAD_ATOL, GRAD_RTOL = 1e-7, 1e-5
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    return spawn_results(tmp_path_factory, "ddp", SCENARIOS, {"simclr_init.pt": build_simclr, "byol_init.pt": build_byol})
+    return spawn_results(tmp_path_factory, "ddp", SCENARIOS, {"simclr_init.pt": build_simclr, "byol_init.pt": build_byol,
+                                                               "npid_init.pt": build_npid, "npid_softmax_init.pt":
+                                                               lambda: build_npid(nce_k=0), "nat_init.pt": build_nat})
 
 
 def _assert_close_dicts(got: dict, want: dict, atol: float, what: str, rtol: float = 0.0) -> None:
@@ -153,6 +155,53 @@ def scenario_memory_bank(rank: int, world: int, out: Path) -> dict:
     return {"queue": queue_states, "table": table_states}
 
 
+# ---- per-image state: NPID's memory bank, Z and noise; NAT's assignment ------------------------------------------
+INSTANCE_SAMPLES = 16
+# sample 5 is on both ranks (rank 0's 3rd row, rank 1's 2nd): one process on the global batch keeps the later row
+INSTANCE_INDEX = [torch.tensor([3, 10, 5, 0, 7, 5, 1, 12]), torch.tensor([9, 2, 14, 6, 11, 4, 15, 8])]
+
+
+def build_npid(nce_k: int = 6) -> NPID:
+    torch.manual_seed(0)
+    return NPID(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=0, embed_dim=8,
+                nce_k=nce_k, temperature=0.5, num_samples=INSTANCE_SAMPLES)
+
+
+def build_nat() -> NoiseAsTargets:
+    torch.manual_seed(0)
+    return NoiseAsTargets(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=0,
+                          target_dim=8, num_samples=INSTANCE_SAMPLES)
+
+
+def instance_batch(step: int, rank: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Step ``step``'s global batch (one view, indices ``INSTANCE_INDEX[step]``), or rank ``rank``'s shard of it."""
+    views, index = [global_batch(seed=10 + step)[0][0]], INSTANCE_INDEX[step]
+    if rank is None:
+        return views, index
+    sl = slice(rank * B, (rank + 1) * B)
+    return [v[sl] for v in views], index[sl]
+
+
+def instance_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[0] in ("memory", "normaliser", "noise",
+                                                                                       "noise_targets")}
+
+
+def scenario_instance_state(rank: int, world: int, out: Path) -> dict:
+    """Per method: step 0 through DDP (loss, gradients, state after), then step 1's forward (state after)."""
+    result = {}
+    for name, build in (("npid", build_npid), ("npid_softmax", lambda: build_npid(nce_k=0)), ("nat", build_nat)):
+        model = build()
+        views, index = instance_batch(0, rank)
+        loss = ddp_loss_backward(model, out / f"{name}_init.pt", views, index)
+        result[name] = {"loss": loss, "grads": grads(model), "state0": instance_state(model)}
+        with torch.no_grad():
+            views, index = instance_batch(1, rank)
+            model.loss(model.forward_views(views), views, index)
+        result[name]["state1"] = instance_state(model)
+    return result
+
+
 GATHER_ROWS = 3
 
 
@@ -195,7 +244,7 @@ def scenario_temporal_ensemble(rank: int, world: int, out: Path) -> dict:
 
 SCENARIOS = {"simclr": scenario_simclr, "byol": scenario_byol, "memory_bank": scenario_memory_bank,
              "gather": scenario_gather, "temporal_ensemble": scenario_temporal_ensemble,
-             "nonfinite": scenario_one_rank_nan}
+             "nonfinite": scenario_one_rank_nan, "instance_state": scenario_instance_state}
 
 
 # ---- tests ------------------------------------------------------------------------------------------
@@ -272,6 +321,48 @@ def test_memory_bank_ddp_matches_single_process(ddp):
         for r, res in enumerate(results):
             _assert_close_dicts(res["table"][step], bank_state(table), atol=0, what=f"rank {r} table step {step}")
     assert (table.bank.abs().sum(1) > 0).sum() > WORLD * KEYS_PER_RANK  # rows from several updates landed
+
+
+@pytest.mark.parametrize("name", ["npid", "npid_softmax", "nat"])
+def test_instance_state_ddp_equals_one_process_on_the_global_batch(ddp, name):
+    """Bank writes (rank order, duplicates), Z, noise draws and NAT's Hungarian assignment on 2 processes equal one
+    process's on the global batch; so do the loss (mean over ranks) and the gradients."""
+    results = [res[name] for res in ddp("instance_state")]
+    build = {"npid": build_npid, "npid_softmax": lambda: build_npid(nce_k=0), "nat": build_nat}[name]
+    model = build()
+    model.load_state_dict(torch.load(ddp.out / f"{name}_init.pt", weights_only=True))
+    init = instance_state(model)
+    views, index = instance_batch(0)
+    ref_loss = model.loss(model.forward_views(views), views, index)
+    ref_loss.backward()
+    ref_grads, state0 = grads(model), instance_state(model)
+    with torch.no_grad():
+        views, index = instance_batch(1)
+        model.loss(model.forward_views(views), views, index)
+    state1 = instance_state(model)
+
+    torch.testing.assert_close(torch.stack([res["loss"] for res in results]).mean(), ref_loss.detach(), atol=1e-5, rtol=0)
+    assert max(g.abs().max() for g in ref_grads.values()) > 100 * GRAD_ATOL
+    for r, res in enumerate(results):
+        _assert_close_dicts(res["grads"], ref_grads, atol=GRAD_ATOL, rtol=GRAD_RTOL, what=f"rank {r} {name} grad")
+        for step, want in enumerate((state0, state1)):
+            got = res[f"state{step}"]
+            assert got.keys() == want.keys()
+            for key in want:  # integer state (assignment, draws) exactly; float state to float32 rounding
+                atol = 0 if not want[key].is_floating_point() else 1e-6
+                torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0 if atol == 0 else 1e-5,
+                                           msg=lambda m, k=key: f"rank {r} {name} step {step} {k}: {m}")
+    if name.startswith("npid"):
+        bank0, bank_init = state0["memory.bank"], init["memory.bank"]
+        written = torch.zeros(INSTANCE_SAMPLES, dtype=torch.bool)
+        written[INSTANCE_INDEX[0]] = True
+        assert not torch.equal(bank0[written], bank_init[written]) and torch.equal(bank0[~written], bank_init[~written])
+        if name == "npid":
+            assert float(state1["normaliser.z"]) == float(state0["normaliser.z"]) > 0  # frozen after step 0
+            assert int(state1["noise.draws"]) == 2
+    else:
+        moved = state1["noise_targets.assignment"]
+        assert sorted(moved.tolist()) == list(range(INSTANCE_SAMPLES)) and not torch.equal(moved, torch.arange(16))
 
 
 def test_temporal_ensemble_ddp_equals_one_process_in_rank_order(ddp):

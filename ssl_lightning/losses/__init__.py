@@ -1,7 +1,9 @@
 """Losses as plain functions, testable alone and callable from any method, grouped by family
-(``joint_embedding/``, ``metric/``); every one is importable from here."""
+(``instance/``, ``joint_embedding/``, ``metric/``); every one is importable from here."""
 import sys as _sys
 
+from ssl_lightning.losses.instance.nat import nat_assign, nat_loss
+from ssl_lightning.losses.instance.npid import npid_nce_loss, npid_nce_probs, npid_softmax_loss
 from ssl_lightning.losses.joint_embedding.barlow_twins import barlow_twins_loss
 from ssl_lightning.losses.joint_embedding.dino import DINOLoss, dino_cross_entropy, teacher_temperature
 from ssl_lightning.losses.joint_embedding.muconpro import kde_terms, muconpro_loss, soft_mean
@@ -39,8 +41,13 @@ __all__ = [
     "mocov3_infonce",
     "muconpro_loss",
     "multicrop_twist_loss",
+    "nat_assign",
+    "nat_loss",
     "nce_logit",
     "nce_loss",
+    "npid_nce_loss",
+    "npid_nce_probs",
+    "npid_softmax_loss",
     "nt_xent",
     "self_label_loss",
     "simsiam_loss",

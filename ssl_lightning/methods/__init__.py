@@ -4,6 +4,7 @@ import sys as _sys
 
 from ssl_lightning.methods import joint_embedding as _joint_embedding
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
 from ssl_lightning.methods.registry import METHODS
@@ -15,4 +16,4 @@ for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "sim
     _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{_joint_embedding.__name__}.{_name}"])
 
 __all__ = ["BYOL", "BarlowTwins", "DINO", "DiscPro", "GenPro", "METHODS", "MoCoV1", "MoCoV2", "MoCoV3", "MuConPro",
-           "SSLMethod", "SimCLR", "SimSiam", "SwAV", "TWIST", "VICReg", "WMSE"]
+           "NPID", "NoiseAsTargets", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "TWIST", "VICReg", "WMSE"]

@@ -1,0 +1,44 @@
+"""The size of per-dataset state (memory banks, targets, pseudo-labels): one row per pretraining image.
+
+Such state lives in buffers, which must exist before a checkpoint is loaded into them. A method therefore takes
+``num_samples`` as a hyperparameter: given, the buffers are built in ``__init__`` (``load_from_checkpoint`` gets it
+from the saved hyperparameters); left None, :func:`resolve_num_samples` reads it in ``setup`` from the datamodule's
+pretraining set -- Lightning runs ``setup`` before it restores a checkpoint, so ``fit(ckpt_path=...)`` finds the
+buffers there -- and records it in the hyperparameters (as the probe's ``num_classes``).
+"""
+from __future__ import annotations
+
+import lightning as L
+
+from ssl_lightning.registry import SSLError
+
+
+def pretrain_set_size(module: L.LightningModule) -> int | None:
+    """Images in the attached datamodule's pretraining set (None without a trainer, datamodule or set)."""
+    trainer = module._trainer
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    dataset = getattr(dm, "pretrain_set", None)
+    return None if dataset is None else len(dataset)
+
+
+def resolve_num_samples(module: L.LightningModule, method: str) -> int | None:
+    """``num_samples`` from the hyperparameters or, when None, from the pretraining set (then recorded in the
+    hyperparameters); checks that the two agree. None when neither is known (e.g. ``validate`` without data)."""
+    given, found = module.hparams.get("num_samples"), pretrain_set_size(module)
+    if given is not None and found is not None and int(given) != found:
+        raise SSLError(f"{method}'s per-image state has num_samples={given} rows but the pretraining set has {found} "
+                       f"images (data.train_subset or the dataset changed?): set model.init_args.num_samples to {found} "
+                       "or leave it out (null) to take the size from the data; a checkpoint only resumes on the same "
+                       "training set")
+    if given is None and found is not None:
+        module.hparams.num_samples = found  # saved with checkpoints: loading rebuilds the state at this size
+    return module.hparams.get("num_samples")
+
+
+def require_num_samples(module: L.LightningModule, method: str) -> int:
+    """As :func:`resolve_num_samples`, but an error naming the fix when the size is unknown."""
+    n = resolve_num_samples(module, method)
+    if n is None:
+        raise SSLError(f"{method} keeps one row per training image but cannot tell how many there are (no datamodule "
+                       "with a pretraining set): set model.init_args.num_samples to the training set's size")
+    return int(n)
