@@ -122,6 +122,27 @@ def test_too_small_pieces_get_a_clear_error():
         _make("rotation", nesterov=True)  # SMALL uses adamw
 
 
+@pytest.mark.parametrize("name", ["jigsaw", "context_prediction"])
+def test_pieces_pass_leaves_running_statistics_to_whole_images(name):
+    """Tiles / patches normalise with their own batch statistics; the running statistics (what kNN and frozen
+    evaluations use) come from the base pass over whole images only."""
+    model = _make(name)
+    views = _views(SIZE[name])
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    snapshot = lambda: [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]  # noqa: E731
+    start = snapshot()
+    feats = model.forward_views(views)  # the base pass: updates them
+    after_images = snapshot()
+    assert not torch.equal(start[0][0], after_images[0][0]) and after_images[0][2] == 1
+    out = model.loss(feats, views, torch.arange(8))
+    for (mean, var, count), (mean2, var2, count2) in zip(after_images, snapshot()):
+        assert torch.equal(mean, mean2) and torch.equal(var, var2) and count == count2
+    out["loss"].backward()
+    assert model.backbone.features[0].weight.grad.abs().sum() > 0  # the task still trains the encoder
+    model.eval()  # in eval mode the pieces use the running statistics, as any input
+    model.loss(model.forward_views(views), views, torch.arange(8))
+
+
 # ---- Jigsaw's permutation set: a buffer, kept by checkpoints ------------------------------------------------------
 def test_jigsaw_permutations_are_a_buffer_that_checkpoints_keep(tmp_path):
     model = _make("jigsaw", grid=3, num_perms=10, tile=None, tile_size=8, perm_seed=1)
