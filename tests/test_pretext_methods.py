@@ -110,6 +110,11 @@ def test_context_prediction_loss_is_ce_over_the_position_on_grey_images():
     f = model.backbone(torch.cat([first, second]))
     logits = model.head(torch.cat([f[:8], f[8:]], dim=1))
     assert float(out["loss"]) == pytest.approx(plain_ce(logits, target), abs=1e-5)
+    model = _make("context_prediction", patch_size=16)  # patches upsampled before the encoder
+    torch.manual_seed(3)
+    out = _loss(model, views)
+    f = model.backbone(F.interpolate(torch.cat([first, second]), size=16, mode="bilinear", align_corners=False))
+    assert float(out["loss"]) == pytest.approx(plain_ce(model.head(torch.cat([f[:8], f[8:]], dim=1)), target), abs=1e-5)
 
 
 def test_too_small_pieces_get_a_clear_error():

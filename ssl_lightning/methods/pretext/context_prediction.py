@@ -22,12 +22,14 @@ class ContextPrediction(PretextMethod):
         patch, gap, jitter: patch side, gap between grid cells and +-jitter in pixels (the paper: 96, 48, 7).
         downsample, min_size: the fraction of patches shrunk (to a side >= min_size) and enlarged back (1/3, 10).
         chromatic: on colour images keep one random channel per patch, noise in the others.
+        patch_size: resize the patches to this side (bilinear) before the encoder; None = as cropped.
         hidden: the head's hidden width (the paper's fc7: 4096); the head is ``2 D -> hidden -> 8``.
         **kwargs: :class:`~ssl_lightning.methods.pretext.common.PretextMethod` options.
     """
 
     def __init__(self, patch: int = 96, gap: int = 48, jitter: int = 7, downsample: float = DOWNSAMPLE_FRACTION,
-                 min_size: int = MIN_PIXELS_SIDE, chromatic: bool = True, hidden: int = 1024, **kwargs) -> None:
+                 min_size: int = MIN_PIXELS_SIDE, chromatic: bool = True, patch_size: int | None = None,
+                 hidden: int = 1024, **kwargs) -> None:
         super().__init__(**kwargs)
         self.head = mlp([2 * self.backbone.num_features, hidden, NUM_POSITIONS])
 
@@ -35,7 +37,10 @@ class ContextPrediction(PretextMethod):
         hp = self.hparams
         first, second, target = patch_pairs(views[0], hp.patch, hp.gap, hp.jitter, self.generator(),
                                             chromatic=hp.chromatic, downsample=hp.downsample, min_size=hp.min_size)
-        f1, f2 = encode_pieces(self.backbone, torch.cat([first, second]), "ContextPrediction",
-                               "use a larger patch (and smaller gap / jitter to fit the images)").chunk(2)
+        pieces = torch.cat([first, second])
+        if hp.patch_size is not None and hp.patch_size != pieces.shape[-1]:
+            pieces = F.interpolate(pieces, size=hp.patch_size, mode="bilinear", align_corners=False)
+        f1, f2 = encode_pieces(self.backbone, pieces, "ContextPrediction",
+                               "set patch_size to upsample the patches, or use a larger patch").chunk(2)
         logits = self.head(torch.cat([f1, f2], dim=1))
         return {"loss": F.cross_entropy(logits, target), "accuracy": (logits.argmax(1) == target).float().mean()}
