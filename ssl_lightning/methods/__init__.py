@@ -1,5 +1,6 @@
-"""Pretraining methods, grouped by family in sub-packages (``joint_embedding/``, ...); each registers
-itself in the one ``METHODS`` registry under its paper's name, and every class is importable from here."""
+"""Pretraining methods, grouped by family in sub-packages (``joint_embedding/``, ``pretext/``, ``metric/``, ...);
+each registers itself in the one ``METHODS`` registry under its paper's name, and every class is importable from
+here."""
 import sys as _sys
 
 from ssl_lightning.methods import joint_embedding as _joint_embedding
@@ -7,6 +8,8 @@ from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
+from ssl_lightning.methods.metric import Siamese
+from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
 from ssl_lightning.methods.registry import METHODS
 
 # the module paths from before the families (``ssl_lightning.methods.moco.MoCoV2``): checkpoints (``_class_path``)
@@ -15,5 +18,6 @@ for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "sim
               "vicreg", "wmse"):
     _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{_joint_embedding.__name__}.{_name}"])
 
-__all__ = ["BYOL", "BarlowTwins", "DINO", "DiscPro", "GenPro", "METHODS", "MoCoV1", "MoCoV2", "MoCoV3", "MuConPro",
-           "NPID", "NoiseAsTargets", "SSLMethod", "SimCLR", "SimSiam", "SwAV", "TWIST", "VICReg", "WMSE"]
+__all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPro", "Jigsaw", "METHODS", "MoCoV1", "MoCoV2",
+           "MoCoV3", "MuConPro", "NPID", "NoiseAsTargets", "Rotation", "SSLMethod", "Siamese", "SimCLR", "SimSiam", "SwAV",
+           "TWIST", "VICReg", "WMSE"]
