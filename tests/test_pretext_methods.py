@@ -160,7 +160,7 @@ def test_jigsaw_permutations_are_a_buffer_that_checkpoints_keep(tmp_path):
     trainer.save_checkpoint(tmp_path / "j.ckpt")
     loaded = Jigsaw.load_from_checkpoint(tmp_path / "j.ckpt")
     assert torch.equal(loaded.permutations, model.permutations)
-    other.load_state_dict(torch.load(tmp_path / "j.ckpt", weights_only=False)["state_dict"])
+    other.load_state_dict(torch.load(tmp_path / "j.ckpt", weights_only=True)["state_dict"])
     assert torch.equal(other.permutations, model.permutations)  # the saved set wins over the fresh seed's
 
 
