@@ -207,8 +207,11 @@ def test_registered_and_errors_name_the_fix():
         NPID(**TINY, nce_k=16, num_samples=16)
     model = NPID(**TINY)
     views = [torch.randn(2, 1, 16, 16)]
-    with pytest.raises(SSLError, match="num_samples"):
+    with pytest.raises(SSLError, match="NPID has not built its memory bank: set model.init_args.num_samples"):
         model.loss(model.forward_views(views), views, torch.arange(2))
+    nat = NoiseAsTargets(**TINY, target_dim=8)
+    with pytest.raises(SSLError, match="NoiseAsTargets has not built its targets: set model.init_args.num_samples"):
+        nat.loss(nat.forward_views(views), views, torch.arange(2))
 
 
 def test_num_samples_mismatch_with_the_data_is_an_error(tmp_path):

@@ -7,14 +7,13 @@ import torch.nn.functional as F
 from ssl_lightning.heads import mlp
 from ssl_lightning.losses.instance.nat import nat_loss
 from ssl_lightning.methods.base import SSLMethod
-from ssl_lightning.methods.instance.per_sample import require_num_samples, resolve_num_samples
+from ssl_lightning.methods.instance.per_sample import PerSampleState
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules.noise_targets import NoiseTargets
-from ssl_lightning.registry import SSLError
 
 
 @METHODS.register("nat")
-class NoiseAsTargets(SSLMethod):
+class NoiseAsTargets(PerSampleState, SSLMethod):
     """Fixed targets c_1..c_n uniform on the unit sphere, one per image; each batch, the images' assignment is
     re-solved among their own current targets (Hungarian algorithm, maximal total cosine), then
     ``L = mean_i ||f_i - c_{assignment[i]}||^2`` with ``f = normalise(W g(x))``.
@@ -31,30 +30,24 @@ class NoiseAsTargets(SSLMethod):
         state_seed: seeds the targets.
     """
 
+    state_name = "targets"
+
     def __init__(self, target_dim: int = 128, num_samples: int | None = None, state_seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.head = mlp([self.backbone.num_features, target_dim])
         self.noise_targets: NoiseTargets | None = None
         if num_samples is not None:
-            self._build_state(num_samples)
+            self.build_state(num_samples)
 
     def _build_state(self, n: int) -> None:
         self.noise_targets = NoiseTargets(n, self.hparams.target_dim, seed=self.hparams.state_seed)
         self.noise_targets.to(self.head[0].weight.device)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        n = require_num_samples(self, "NoiseAsTargets") if stage == "fit" else resolve_num_samples(self, "NoiseAsTargets")
-        if self.noise_targets is None and n is not None:
-            self._build_state(int(n))
-
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(feats), dim=1)
 
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        if self.noise_targets is None:
-            raise SSLError("NoiseAsTargets' targets are not built: set model.init_args.num_samples, or train through a "
-                           "Trainer with the datamodule (setup reads the training set's size)")
+        self.require_state()
         f = self.embed(feats[0])
         index = index.to(f.device)
         self.noise_targets.reassign(index, f)  # the global batch's Hungarian assignment, on every process

@@ -10,7 +10,7 @@ from ssl_lightning import distributed
 from ssl_lightning.heads import mlp
 from ssl_lightning.losses.instance.npid import npid_nce_loss, npid_nce_probs, npid_softmax_loss
 from ssl_lightning.methods.base import SSLMethod
-from ssl_lightning.methods.instance.per_sample import require_num_samples, resolve_num_samples
+from ssl_lightning.methods.instance.per_sample import PerSampleState
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.modules.indexed_bank import IndexedBank
 from ssl_lightning.modules.nce_normaliser import FrozenNormaliser
@@ -46,7 +46,7 @@ class UniformNoise(nn.Module):
 
 
 @METHODS.register("npid")
-class NPID(SSLMethod):
+class NPID(PerSampleState, SSLMethod):
     """Each image is a class whose weight is its memory-bank row: ``v = normalise(W f(x))``,
     ``P(i|v) = exp(m_i.v / T) / Z``; then the batch's rows ``m_i <- 0.5 m_i + 0.5 v_i``, renormalised.
 
@@ -69,6 +69,8 @@ class NPID(SSLMethod):
         state_seed: seeds the bank's initialisation and the noise draws.
     """
 
+    state_name = "memory bank"
+
     def __init__(self, embed_dim: int = 128, nce_k: int = 4096, temperature: float = 0.07, bank_momentum: float = 0.5,
                  num_samples: int | None = None, state_seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -80,7 +82,7 @@ class NPID(SSLMethod):
         self.normaliser: FrozenNormaliser | None = None
         self.noise: UniformNoise | None = None
         if num_samples is not None:
-            self._build_state(num_samples)
+            self.build_state(num_samples)
 
     def _build_state(self, n: int) -> None:
         hp = self.hparams
@@ -93,20 +95,12 @@ class NPID(SSLMethod):
             self.normaliser = FrozenNormaliser(n).to(device)
             self.noise = UniformNoise(n, seed=hp.state_seed).to(device)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        n = require_num_samples(self, "NPID") if stage == "fit" else resolve_num_samples(self, "NPID")
-        if self.memory is None and n is not None:
-            self._build_state(int(n))
-
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         """v = normalise(W f): the 128-d embedding that the bank stores."""
         return F.normalize(self.head(feats), dim=1)
 
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        if self.memory is None:
-            raise SSLError("NPID's memory bank is not built: set model.init_args.num_samples, or train through a "
-                           "Trainer with the datamodule (setup reads the training set's size)")
+        self.require_state()
         v = self.embed(feats[0]).float()
         index = index.to(v.device)
         hp = self.hparams

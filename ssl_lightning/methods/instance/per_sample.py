@@ -42,3 +42,32 @@ def require_num_samples(module: L.LightningModule, method: str) -> int:
         raise SSLError(f"{method} keeps one row per training image but cannot tell how many there are (no datamodule "
                        "with a pretraining set): set model.init_args.num_samples to the training set's size")
     return int(n)
+
+
+class PerSampleState:
+    """Mixin (before :class:`~ssl_lightning.methods.SSLMethod` in the bases) for a method with one row of state per
+    pretraining image: the method defines ``_build_state(n)`` and ``state_name``; the state is built by
+    ``build_state`` in ``__init__`` when ``num_samples`` is given, else in ``setup`` from the datamodule."""
+
+    state_name = "per-image state"
+    _state_rows: int | None = None
+
+    def _build_state(self, n: int) -> None:
+        raise NotImplementedError
+
+    def build_state(self, n: int) -> None:
+        self._build_state(int(n))
+        self._state_rows = int(n)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        method = type(self).__name__
+        n = require_num_samples(self, method) if stage == "fit" else resolve_num_samples(self, method)
+        if self._state_rows is None and n is not None:
+            self.build_state(n)
+
+    def require_state(self) -> None:
+        """An error naming the fix when the state was never built (a forward pass outside a Trainer)."""
+        if self._state_rows is None:
+            raise SSLError(f"{type(self).__name__} has not built its {self.state_name}: set model.init_args.num_samples, "
+                           "or train through a Trainer with the datamodule (setup reads the training set's size)")
