@@ -6,5 +6,6 @@ strides).
 """
 from ssl_lightning.backbones.registry import BACKBONES, build_backbone
 from ssl_lightning.backbones import convnet, resnet, vit  # noqa: F401  (registers the backbones)
+from ssl_lightning.backbones import split_brain  # noqa: F401  (registers the split-brain encoder)
 
 __all__ = ["BACKBONES", "build_backbone"]

@@ -160,6 +160,55 @@ def load_synthetic(root: str, split: str, download: bool = False, size: int = 25
     return ArrayDataset(images, labels, [f"class_{i}" for i in range(num_classes)])
 
 
+SHAPES = ("disc", "square", "triangle", "cross", "ring")
+
+
+def _shape_masks(shape: str, size: int, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """(N, size, size) bool masks of one shape at per-image centres (N, 2) (x, y) and radii (N,), in pixels."""
+    c = torch.arange(size, dtype=torch.float32) + 0.5
+    y, x = c[None, :, None] - centres[:, 1, None, None], c[None, None, :] - centres[:, 0, None, None]
+    r = radii[:, None, None]
+    if shape == "disc":
+        return x ** 2 + y ** 2 <= r ** 2
+    if shape == "square":
+        return (x.abs() <= 0.8 * r) & (y.abs() <= 0.8 * r)
+    if shape == "triangle":  # apex up: inside three half-planes
+        return (y <= 0.7 * r) & (y >= -r + 2 * x.abs())
+    if shape == "cross":
+        return ((x.abs() <= 0.3 * r) & (y.abs() <= r)) | ((y.abs() <= 0.3 * r) & (x.abs() <= r))
+    return (x ** 2 + y ** 2 <= r ** 2) & (x ** 2 + y ** 2 >= (0.55 * r) ** 2)  # ring
+
+
+def load_synthetic_colour(root: str, split: str, download: bool = False, size: int = 2048, image_size: int = 32,
+                          lightness: float = 65.0, chroma: float = 40.0, noise: float = 0.03, seed: int = 0) -> ArrayDataset:
+    """Colour carries information: 10 classes = 5 shapes x 2 hues. Shape ``s`` is drawn in the hue at angle
+    ``36 s`` or ``36 s + 180`` degrees (CIE Lab, lightness 65, chroma 40: the two hues of a shape have the same
+    L, so the gray image cannot tell them apart: an L-only representation tops out at 50%), at a random position
+    and size, on a gray background of random lightness, plus Gaussian pixel noise. Since each shape has its own
+    pair of hues, the colours are partly predictable from the gray image (what colorization learns)."""
+    from ssl_lightning.pretext.color import lab_to_rgb
+
+    g = torch.Generator().manual_seed(seed + {"train": 1, "val": 2}[split])
+    labels = torch.randint(2 * len(SHAPES), (size,), generator=g)
+    shape, second = labels // 2, labels % 2
+    angle = torch.deg2rad(36.0 * shape + 180.0 * second)
+    fg = torch.stack([torch.full((size,), lightness), chroma * angle.cos(), chroma * angle.sin()], 1)
+    bg_l = torch.where(torch.rand(size, generator=g) < 0.5, 15 + 25 * torch.rand(size, generator=g),
+                       85 + 10 * torch.rand(size, generator=g))  # clearly darker or lighter than the shape
+    bg = torch.stack([bg_l, torch.zeros(size), torch.zeros(size)], 1)
+    centres = image_size / 2 + (torch.rand(size, 2, generator=g) - 0.5) * image_size / 4
+    radii = image_size * (0.22 + 0.1 * torch.rand(size, generator=g))
+    mask = torch.zeros(size, image_size, image_size, dtype=torch.bool)
+    for s, name in enumerate(SHAPES):
+        sel = shape == s
+        mask[sel] = _shape_masks(name, image_size, centres[sel], radii[sel])
+    lab = torch.where(mask[:, None], fg[:, :, None, None], bg[:, :, None, None])
+    x = lab_to_rgb(lab) + noise * torch.randn(size, 3, image_size, image_size, generator=g)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    classes = [f"{name}_{h}" for name in SHAPES for h in ("hue_a", "hue_b")]
+    return ArrayDataset(images, labels, classes)
+
+
 DATASETS.register("fashion_mnist")(DatasetSpec(load_fashion_mnist, 10, 1, 28, (0.2860,), (0.3530,), default_root=FASHION_MNIST_DEB))
 DATASETS.register("cifar10")(DatasetSpec(load_cifar(tvd.CIFAR10, "cifar-10-batches-py"), 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
 DATASETS.register("cifar100")(DatasetSpec(load_cifar(tvd.CIFAR100, "cifar-100-python"), 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
@@ -169,3 +218,4 @@ DATASETS.register("imagenet")(DatasetSpec(load_image_folder, 1000, 3, 224, IMAGE
 DATASETS.register("imagenet100")(DatasetSpec(load_imagenet100, 100, 3, 224, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
 DATASETS.register("image_folder")(DatasetSpec(load_image_folder, 0, 3, None, IMAGENET_MEAN, IMAGENET_STD, resize_eval=True))
 DATASETS.register("synthetic")(DatasetSpec(load_synthetic, 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+DATASETS.register("synthetic_colour")(DatasetSpec(load_synthetic_colour, 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))

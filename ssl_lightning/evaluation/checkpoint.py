@@ -124,6 +124,8 @@ def load_backbone(path: str | Path, component: str = "backbone") -> tuple[nn.Mod
                 "in_channels": int(hp.get("in_channels", 3)),
                 "method": obj["hyper_parameters"].get("_class_path") or model.get("class_path"),
                 "data": config.get("data") or {}}
+        # colour methods: the encoder's channels and input space (Lab lightness / Lab), what evaluations convert to
+        info.update((obj.get("ssl_lightning") or {}).get("backbone_input") or {})
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         meta_path = path.with_suffix(".json")
         if not meta_path.is_file():

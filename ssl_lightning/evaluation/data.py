@@ -36,6 +36,9 @@ class EvalData:
         train_subset / val_subset: a seeded random subset of that many images of each split.
         crop_scale: random-resized-crop area range of the training augmentation.
         grayscale: convert images to the backbone's channel count (RGB <-> 1-channel luma) when they differ.
+        input: the input space of a colour method's encoder (``lightness``: Lab ``(L - 50) / 100``; ``lab``: that
+            and ``ab / 110``), read from its checkpoint: the RGB images are converted to it
+            (:class:`~ssl_lightning.pretext.color.ToNetworkInput`) instead of normalised.
         seed: seed of the subsets.
         on_bad_image: ``error`` or ``skip`` an unreadable image file (None: the run's when the dataset is the
             run's, else ``error``); see ``SSLDataModule``.
@@ -54,6 +57,7 @@ class EvalData:
     grayscale: bool = False
     seed: int = 0
     on_bad_image: Literal["error", "skip"] | None = None
+    input: str | None = None  # a colour method's encoder input ("lightness", "lab"): set from the checkpoint
 
 
 class ToChannels:
@@ -127,7 +131,8 @@ def resolve_data(data: EvalData, info: dict[str, Any]) -> EvalData:
                        "dataset_options": data.dataset_options if data.dataset_options is not None
                        else (run.get("dataset_options") if same else None),
                        "image_size": data.image_size or (run.get("image_size") if same else None),
-                       "on_bad_image": data.on_bad_image or (run.get("on_bad_image") if same else None)})
+                       "on_bad_image": data.on_bad_image or (run.get("on_bad_image") if same else None),
+                       "input": data.input or info.get("input")})
 
 
 def eval_splits(data: EvalData, in_channels: int) -> EvalSplits:
@@ -143,7 +148,12 @@ def eval_splits(data: EvalData, in_channels: int) -> EvalSplits:
         raise SSLError(f"Dataset {data.dataset!r} has no validation split under {dm.root!r}: "
                        "evaluations report on it (image folders need root/train and root/val)")
     mean, std, channels, convert = tuple(dm.mean), tuple(dm.std), dm.in_channels, None
-    if channels != in_channels:
+    if data.input is not None:  # a colour method's encoder: RGB -> its Lab input, already normalised
+        from ssl_lightning.pretext.color import ToNetworkInput, refuse_gray
+
+        refuse_gray(f"this backbone (input {data.input!r})", channels)
+        convert, mean, std = ToNetworkInput(data.input), (0.0,) * in_channels, (1.0,) * in_channels
+    elif channels != in_channels:
         if not data.grayscale or {channels, in_channels} != {1, 3}:
             raise SSLError(f"The backbone takes {in_channels}-channel images but {data.dataset} has {channels}: "
                            + ("add --data.grayscale true to convert them" if {channels, in_channels} == {1, 3}

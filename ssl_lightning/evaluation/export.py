@@ -56,5 +56,7 @@ def export_backbone(backbone: nn.Module, info: dict[str, Any], path: str | Path)
             "in_channels": int(info["in_channels"]), "num_features": int(backbone.num_features),
             "method": info.get("method"), "source": info.get("checkpoint"), "component": info.get("component", "backbone"),
             "data": info.get("data") or {}, "weights": str(path), "num_tensors": len(state), **describe(info)}
+    if info.get("input"):  # a colour method's encoder input space (ToNetworkInput), read back by load_backbone
+        meta["input"] = info["input"]
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return meta

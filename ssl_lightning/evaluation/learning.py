@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 @dataclass
@@ -22,8 +23,10 @@ class LearningCheck:
 
 
 def learning_check(config: str, epochs: int, run_dir: str, train_subset: int = 5000, eval_subset: int = 5000,
-                   val_subset: int = 2000, extra_args: list[str] | None = None) -> LearningCheck:
-    """Trains ``config`` (a CLI YAML) for ``epochs`` on a subset, with a full validation first."""
+                   val_subset: int = 2000, extra_args: list[str] | None = None,
+                   after_fit: Callable[[Any, Any], dict[str, float]] | None = None) -> LearningCheck:
+    """Trains ``config`` (a CLI YAML) for ``epochs`` on a subset, with a full validation first; ``after_fit(model,
+    datamodule)`` adds the method's own figures to ``metrics`` (e.g. held-out losses)."""
     from ssl_lightning.callbacks import KNNMonitor
     from ssl_lightning.cli import SSLCLI
 
@@ -39,6 +42,7 @@ def learning_check(config: str, epochs: int, run_dir: str, train_subset: int = 5
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     knn = next(c for c in cli.trainer.callbacks if isinstance(c, KNNMonitor))
     metrics = cli.trainer.callback_metrics
+    extra = after_fit(cli.model, cli.datamodule) if after_fit is not None else {}
     return LearningCheck(config, epochs, float(knn.initial_accuracy), float(metrics["val/knn_top1"]),
                          float(metrics.get("val/probe_top1", float("nan"))), time.time() - start,
-                         {k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+                         {k: float(v) for k, v in metrics.items() if k.startswith("val/")} | extra)

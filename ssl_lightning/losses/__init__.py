@@ -18,6 +18,7 @@ from ssl_lightning.losses.metric.contrastive_margin import contrastive_margin_lo
 from ssl_lightning.losses.metric.infonce import info_nce, moco_infonce, mocov3_infonce
 from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
 from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
+from ssl_lightning.losses.pretext.colorization import colorization_loss
 
 # the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
 for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
@@ -31,6 +32,7 @@ __all__ = [
     "barlow_twins_loss",
     "byol_loss",
     "cholesky_whiten",
+    "colorization_loss",
     "contrastive_margin_loss",
     "covariance_loss",
     "dino_cross_entropy",

@@ -9,6 +9,7 @@ to a task's inputs and targets, any device, an optional CPU ``torch.Generator`` 
 """
 from ssl_lightning.pretext.color import (ab_gamut_bins, bin_counts, lab_inputs, lab_to_rgb, non_gray_mask, normalize_l,
                                          quantize_ab, rebalance_weights, rgb_to_lab, soft_encode)
+from ssl_lightning.pretext.color import ToNetworkInput, annealed_mean, network_input, quantize_l
 from ssl_lightning.pretext.context import NEIGHBOUR_OFFSETS, downsample_upsample, patch_pairs, sample_pair_positions
 from ssl_lightning.pretext.jigsaw import (all_permutations, greedy_hamming, jigsaw_tiles, maximal_hamming_permutations,
                                           mean_hamming_distance, permute_tiles, unpermute_tiles)
@@ -17,8 +18,10 @@ from ssl_lightning.pretext.rotation import rotate_batch, unrotate_batch
 
 __all__ = [
     "NEIGHBOUR_OFFSETS",
+    "ToNetworkInput",
     "ab_gamut_bins",
     "all_permutations",
+    "annealed_mean",
     "bin_counts",
     "central_mask",
     "downsample_upsample",
@@ -30,10 +33,12 @@ __all__ = [
     "masking_noise",
     "maximal_hamming_permutations",
     "mean_hamming_distance",
+    "network_input",
     "non_gray_mask",
     "normalize_l",
     "patch_pairs",
     "permute_tiles",
+    "quantize_l",
     "quantize_ab",
     "random_region_mask",
     "rebalance_weights",

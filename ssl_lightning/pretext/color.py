@@ -154,3 +154,60 @@ def rebalance_weights(prior: Tensor, lam: float = LAMBDA) -> Tensor:
 def non_gray_mask(ab: Tensor, threshold: float = GRAY_THRESHOLD) -> Tensor:
     """(B,) bool: the images with some ``|a|`` or ``|b|`` above ``threshold``; the others (grey images) give no loss."""
     return (ab.abs() > threshold).flatten(1).any(dim=1)
+
+
+# ---- the network's input spaces, decoding, L bins (split-brain) ------------------------------------------------
+AB_SCALE = 110.0  # ab given as input (split-brain's ab -> L half): ab / 110, about [-1, 1]
+ANNEAL_T = 0.38  # annealed-mean decoding temperature (the paper)
+INPUT_SPACES = {"lightness": 1, "lab": 3}  # name -> channels: (L - 50) / 100; that and ab / 110
+
+
+def refuse_gray(who: str, in_channels: int) -> None:
+    """The colour methods' refusal of gray data (``in_channels`` != 3), naming the fix."""
+    if in_channels != 3:
+        raise SSLError(f"{who} needs colour images but the data has {in_channels} channel(s) (e.g. fashion_mnist is "
+                       "gray): train it on a colour dataset (cifar10, imagenet100, synthetic_colour)")
+
+
+def network_input(rgb: Tensor, space: str) -> Tensor:
+    """sRGB images (B, 3, H, W) in [0, 1] to what a colour-method encoder takes: ``"lightness"`` (B, 1, H, W)
+    ``(L - 50) / 100`` (Colorization), ``"lab"`` (B, 3, H, W) that and ``ab / 110`` (split-brain)."""
+    if space not in INPUT_SPACES:
+        raise SSLError(f"unknown colour input space {space!r}; use one of {', '.join(INPUT_SPACES)}")
+    lightness, ab = lab_inputs(rgb)
+    return lightness if space == "lightness" else torch.cat([lightness, ab / AB_SCALE], dim=1)
+
+
+class ToNetworkInput:
+    """Evaluation transform: an RGB image (PIL, or a uint8 / float tensor (3, H, W)) to :func:`network_input`'s
+    float tensor (C, H, W), already normalised (follow it with an identity ``Normalize``)."""
+
+    def __init__(self, space: str) -> None:
+        if space not in INPUT_SPACES:
+            raise SSLError(f"unknown colour input space {space!r}; use one of {', '.join(INPUT_SPACES)}")
+        self.space = space
+
+    def __call__(self, image) -> Tensor:
+        from torchvision.transforms import v2
+
+        x = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
+        if x.shape[0] != 3:
+            raise SSLError(f"a colour method's backbone needs RGB images, got {x.shape[0]} channel(s): evaluate it on a "
+                           "colour dataset")
+        return network_input(x[None], self.space)[0]
+
+
+def annealed_mean(probs: Tensor, bins: Tensor, temperature: float = ANNEAL_T) -> Tensor:
+    """Decode per-position bin distributions (B, Q, H, W) to ab (B, 2, H, W): the mean of the re-normalised
+    ``z^(1/T)`` (the paper's annealed mean; T = 1 the mean, T -> 0 the mode)."""
+    if temperature <= 0:
+        raise SSLError(f"annealed_mean: temperature={temperature} must be > 0 (the paper's 0.38)")
+    annealed = torch.softmax(torch.log(probs.clamp_min(1e-12)) / temperature, dim=1)
+    return torch.einsum("bqhw,qc->bchw", annealed, bins.to(probs))
+
+
+def quantize_l(lightness: Tensor, num_bins: int = 100) -> Tensor:
+    """L (any shape, in [0, 100]) to ``num_bins`` equal bins of [0, 100] (split-brain's L targets), long."""
+    if num_bins < 2:
+        raise SSLError(f"quantize_l: num_bins={num_bins} must be >= 2 (the paper's 100)")
+    return (lightness * (num_bins / 100.0)).floor().clamp(0, num_bins - 1).long()

@@ -1,0 +1,132 @@
+"""Colour methods' check on the generated colour dataset (``synthetic_colour``: 10 classes = 5 shapes x 2
+isoluminant hues, so the gray image cannot tell half the classes apart): trains Colorization and SplitBrain
+briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and reports
+
+* kNN top-1 (k 200, T 0.1) of the random-init and of the trained backbone, bank = training images, queries =
+  held-out images (the learning check's protocol, ``ssl_lightning.evaluation.learning``);
+* the held-out loss of the trained model against the prior-only baseline (predicting the training images'
+  empirical bin distribution at every position): Colorization's rebalanced loss and its unweighted
+  cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
+
+    python experiments/colour_check.py colorization:10 split_brain:10
+Writes experiments/results/colour_check/{results.json,table.md}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ssl_lightning.evaluation.learning import learning_check
+from ssl_lightning.losses.pretext.colorization import colorization_loss
+from ssl_lightning.methods import Colorization, SplitBrain
+from ssl_lightning.methods.pretext.colour import subsample
+from ssl_lightning.pretext.color import bin_counts, quantize_ab, quantize_l, rgb_to_lab
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "colour_check"
+TRAIN, EVAL, VAL = 4000, 2000, 1000  # pretraining images, kNN bank, held-out queries (and held-out losses)
+
+
+def _batches(ds, batch_size: int = 250):
+    for images, _ in DataLoader(ds, batch_size=batch_size):
+        yield images
+
+
+def _uniform_logits(log_p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The prior-only prediction: ``log p`` at every position of ``like`` (B, Q, h, w)."""
+    return log_p.to(like)[None, :, None, None].expand_as(like)
+
+
+@torch.no_grad()
+def colorization_heldout(model: Colorization, dm) -> dict[str, float]:
+    model.eval()
+    log_p = torch.log((model.prior_counts / model.prior_counts.sum()).clamp_min(1e-12))
+    sums = {"heldout_loss": 0.0, "heldout_loss_prior_only": 0.0, "heldout_ce": 0.0, "heldout_ce_prior_only": 0.0}
+    n = 0
+    hp = model.hparams
+    for x in _batches(dm.val_set):
+        logits, ab = model.logits(model.encode(model.rgb(x)))
+        prior_logits = _uniform_logits(log_p, logits)
+        for key, lam in (("heldout_loss", hp.lam), ("heldout_ce", 1.0)):  # lam 1: every weight 1
+            sums[key] += x.shape[0] * float(colorization_loss(logits, ab, model.bins, model.prior_counts, lam,
+                                                              hp.neighbours, hp.sigma, hp.gray_threshold))
+            sums[key + "_prior_only"] += x.shape[0] * float(colorization_loss(
+                prior_logits, ab, model.bins, model.prior_counts, lam, hp.neighbours, hp.sigma, hp.gray_threshold))
+        n += x.shape[0]
+    return {k: v / n for k, v in sums.items()} | {"chance_ln_q": math.log(model.bins.shape[0])}
+
+
+@torch.no_grad()
+def split_brain_heldout(model: SplitBrain, dm) -> dict[str, float]:
+    """Held-out cross-entropies; the prior-only baseline uses the bin frequencies of the (un-augmented) training
+    images on the same 1/stride grid."""
+    model.eval()
+    stride, l_bins = model.hparams.stride, model.hparams.l_bins
+    ab_counts, l_counts = torch.zeros(model.bins.shape[0], dtype=torch.float64), torch.zeros(l_bins, dtype=torch.float64)
+    for x in _batches(dm.eval_set):
+        lab = subsample(rgb_to_lab(model.rgb(x)), stride)
+        ab_counts += bin_counts(lab[:, 1:].double(), model.bins)
+        l_counts += torch.bincount(quantize_l(lab[:, 0], l_bins).reshape(-1), minlength=l_bins).double()
+    log_ab = torch.log((ab_counts / ab_counts.sum()).clamp_min(1e-12))
+    log_l = torch.log((l_counts / l_counts.sum()).clamp_min(1e-12))
+    sums = dict.fromkeys(("heldout_ce_l_to_ab", "heldout_ce_l_to_ab_prior_only", "heldout_ce_ab_to_l",
+                          "heldout_ce_ab_to_l_prior_only"), 0.0)
+    n = 0
+    for x in _batches(dm.val_set):
+        ab_logits, l_logits, lab = model.logits(model.encode(model.rgb(x)))
+        t_ab, t_l = quantize_ab(lab[:, 1:], model.bins), quantize_l(lab[:, 0], l_bins)
+        for key, logits, log_p, target in (("heldout_ce_l_to_ab", ab_logits, log_ab, t_ab),
+                                           ("heldout_ce_ab_to_l", l_logits, log_l, t_l)):
+            sums[key] += x.shape[0] * float(F.cross_entropy(logits, target))
+            sums[key + "_prior_only"] += x.shape[0] * float(F.cross_entropy(_uniform_logits(log_p, logits), target))
+        n += x.shape[0]
+    return {k: v / n for k, v in sums.items()}
+
+
+HELDOUT = {"colorization": colorization_heldout, "split_brain": split_brain_heldout}
+
+
+def table(results: dict) -> str:
+    rows = ["| method | epochs | kNN random init | kNN trained | held-out loss (trained) | held-out loss (prior only) | seconds |",
+            "|---|---|---|---|---|---|---|"]
+    for method, r in sorted(results.items()):
+        m = r["metrics"]
+        if method == "colorization":
+            trained = f"{m['heldout_loss']:.3f} (CE {m['heldout_ce']:.3f})"
+            prior = f"{m['heldout_loss_prior_only']:.3f} (CE {m['heldout_ce_prior_only']:.3f})"
+        else:
+            trained = f"L->ab {m['heldout_ce_l_to_ab']:.3f}, ab->L {m['heldout_ce_ab_to_l']:.3f}"
+            prior = f"L->ab {m['heldout_ce_l_to_ab_prior_only']:.3f}, ab->L {m['heldout_ce_ab_to_l_prior_only']:.3f}"
+        rows.append(f"| {method} | {r['epochs']} | {r['knn_random_init']:.4f} | {r['knn_trained']:.4f} | {trained} | "
+                    f"{prior} | {r['seconds']:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(specs: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for spec in specs:
+        method, _, epochs = spec.partition(":")
+        config = HERE / "synthetic_colour" / f"{method}.yaml"
+        with tempfile.TemporaryDirectory() as run_dir:
+            r = learning_check(str(config), int(epochs or 10), run_dir, TRAIN, EVAL, VAL, after_fit=HELDOUT[method])
+        results[method] = {**asdict(r), "config": f"experiments/synthetic_colour/{method}.yaml", "gain": r.gain}
+        print(f"{method}: kNN {r.knn_random_init:.4f} -> {r.knn_trained:.4f} ({r.epochs} epochs, {r.seconds:.0f} s); "
+              + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k.startswith("heldout")), flush=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / "table.md").write_text(table(results))
+    print("\n" + table(results))
+
+
+if __name__ == "__main__":
+    specs, sys.argv = sys.argv[1:], sys.argv[:1]  # the CLI inside reads only its own arguments
+    main(specs or ["colorization:10", "split_brain:10"])
