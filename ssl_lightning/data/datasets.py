@@ -180,9 +180,9 @@ def _shape_masks(shape: str, size: int, centres: torch.Tensor, radii: torch.Tens
 
 
 def load_synthetic_colour(root: str, split: str, download: bool = False, size: int = 2048, image_size: int = 32,
-                          lightness: float = 65.0, chroma: float = 40.0, noise: float = 0.03, seed: int = 0) -> ArrayDataset:
+                          lightness: float = 65.0, chroma: float = 35.0, noise: float = 0.03, seed: int = 0) -> ArrayDataset:
     """Colour carries information: 10 classes = 5 shapes x 2 hues. Shape ``s`` is drawn in the hue at angle
-    ``36 s`` or ``36 s + 180`` degrees (CIE Lab, lightness 65, chroma 40: the two hues of a shape have the same
+    ``36 s`` or ``36 s + 180`` degrees (CIE Lab, lightness 65, chroma 35, all in the sRGB gamut: the two hues of a shape have the same
     L, so the gray image cannot tell them apart: an L-only representation tops out at 50%), at a random position
     and size, on a gray background of random lightness, plus Gaussian pixel noise. Since each shape has its own
     pair of hues, the colours are partly predictable from the gray image (what colorization learns)."""
