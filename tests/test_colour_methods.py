@@ -31,7 +31,7 @@ from resume_utils import check_resume_is_exact, perturb_first_parameter  # tests
 SIZE = 16
 COMMON = dict(num_classes=0, optimizer="adamw", lr=1e-3, warmup_epochs=0, hidden=8, mean=(0.5,) * 3, std=(0.25,) * 3)
 KW = {"colorization": dict(backbone="convnet", backbone_kwargs={"width": 4}, prior_images=32),
-      "split_brain": dict(backbone_kwargs={"half": "convnet", "half_kwargs": {"width": 4}})}
+      "split_brain": dict(backbone="convnet", backbone_kwargs={"width": 4})}  # each half
 
 
 def _make(name: str, **kw):
@@ -186,9 +186,9 @@ def test_gray_data_is_refused(name):
         model(torch.zeros(2, 1, SIZE, SIZE))
 
 
-def test_split_brain_needs_its_backbone():
-    with pytest.raises(SSLError, match="backbone: split_brain"):
-        SplitBrain(backbone="convnet", **COMMON)
+def test_split_brain_halves_are_plain_backbones():
+    with pytest.raises(SSLError, match="each half must be a plain backbone"):
+        SplitBrain(backbone="split_brain", **COMMON)
     with pytest.raises(SSLError, match="colour dataset"):
         build_backbone("split_brain", in_channels=1)
 
@@ -243,6 +243,7 @@ def test_one_lightning_step_and_evaluation_path(name, tmp_path):
     # offline evaluation: the backbone alone, the images converted to what it was trained on
     backbone, info = load_backbone(tmp_path / "run.ckpt")
     assert info["input"] == model.input_space and info["in_channels"] == (1 if name == "colorization" else 3)
+    assert info["backbone"] == ("convnet" if name == "colorization" else "split_brain")
     settings = resolve_data(EvalData(dataset="synthetic_colour", dataset_options={"size": 32, "image_size": SIZE},
                                      num_workers=0, eval_batch_size=16, val_subset=16), info)  # the same 16 (seed 0)
     splits = eval_splits(settings, info["in_channels"])

@@ -5,7 +5,8 @@ give the frozen-feature evaluations the same input they were trained on.
   it (the statistics are read from the datamodule at set-up and kept as buffers, so checkpoints carry them).
 * ``forward`` (the online kNN monitor and probe, ``load_module``) converts normalised RGB images to the
   encoder's input space (:func:`~ssl_lightning.pretext.color.network_input`: ``lightness`` or ``lab``).
-* Checkpoints record that space and the encoder's channel count (``checkpoint["ssl_lightning"]["backbone_input"]``):
+* Checkpoints record that space and the encoder's channel count (``checkpoint["ssl_lightning"]["backbone_input"]``,
+  and the encoder's own registered name where it is not the named backbone, e.g. ``split_brain``):
   ``load_backbone`` builds the encoder with it and ``ssl-lightning eval`` converts the evaluation images with
   :class:`~ssl_lightning.pretext.color.ToNetworkInput` (no normalisation after it).
 * A dense head (:class:`DenseHead`) on a hypercolumn of feature maps predicts per position of a 1/``stride`` grid.
@@ -22,6 +23,7 @@ from torch import nn
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.backbones.feature_maps import stages
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.modules.probe import OnlineLinearProbe
 from ssl_lightning.pretext.color import INPUT_SPACES, bin_counts, lab_inputs, network_input, refuse_gray
 from ssl_lightning.registry import SSLError
 
@@ -96,15 +98,25 @@ class ColourMethod(SSLMethod):
                  **kwargs) -> None:
         refuse_gray(type(self).__name__, int(kwargs.get("in_channels", 3)))
         super().__init__(**kwargs)
-        channels = INPUT_SPACES[self.input_space]
-        if channels != 3:  # the encoder takes the input space's channels, not the data's (linked by the CLI)
-            hp = self.hparams
-            self.backbone = build_backbone(hp.backbone, in_channels=channels, **(hp.backbone_kwargs or {}))
-            if hp.compile:
-                self.backbone.compile()
+        # the encoder takes the input space's channels, not the data's (``in_channels``, linked by the CLI)
+        self.backbone = self.build_encoder()
+        if self.hparams.compile:
+            self.backbone.compile()
+        if self.probe is not None:
+            self.probe = OnlineLinearProbe(self.backbone.num_features, self.hparams.num_classes)
         self.register_buffer("data_mean", torch.tensor(mean if mean is not None else [math.nan] * 3).float())
         self.register_buffer("data_std", torch.tensor(std if std is not None else [math.nan] * 3).float())
         self._encoded: dict[str, Any] | None = None
+
+    def build_encoder(self) -> nn.Module:
+        """The encoder (``self.backbone``): the named backbone taking the input space's channels."""
+        hp = self.hparams
+        return build_backbone(hp.backbone, in_channels=INPUT_SPACES[self.input_space], **(hp.backbone_kwargs or {}))
+
+    def encoder_spec(self) -> dict[str, Any]:
+        """What checkpoints record for ``load_backbone`` / ``ssl-lightning eval``: the input space and channels
+        (and, where the encoder is not the named backbone itself, its registered name and options)."""
+        return {"input": self.input_space, "in_channels": INPUT_SPACES[self.input_space]}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -146,5 +158,4 @@ class ColourMethod(SSLMethod):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ssl_lightning"]["backbone_input"] = {"input": self.input_space,
-                                                         "in_channels": INPUT_SPACES[self.input_space]}
+        checkpoint["ssl_lightning"]["backbone_input"] = self.encoder_spec()

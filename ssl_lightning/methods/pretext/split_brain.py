@@ -17,17 +17,19 @@ from ssl_lightning.registry import SSLError
 
 @METHODS.register("split_brain")
 class SplitBrain(ColourMethod):
-    """Two disjoint sub-networks (the ``split_brain`` backbone: each half e.g. a ConvNet of half the width) on the
-    Lab channels: ``f_L`` predicts ab from L as classification over the Q in-gamut ab bins, ``f_ab`` predicts L
+    """Two disjoint sub-networks (the ``split_brain`` encoder: two of the named backbone, e.g. ConvNets of half the
+    width) on the Lab channels: ``f_L`` predicts ab from L as classification over the Q in-gamut ab bins, ``f_ab`` predicts L
     from ab over ``l_bins`` equal L bins, each with a dense head on a 1/``stride`` grid:
 
         L = CE(h_ab(f_L(L)), q_ab(ab)) + CE(h_L(f_ab(ab)), q_L(L))        chance ln Q + ln l_bins
 
     with hard (nearest-bin) targets and no rebalancing (the paper's classification losses). The representation
-    is the concatenation ``[f_L(L), f_ab(ab)]`` (the backbone's pooled output).
+    is the concatenation ``[f_L(L), f_ab(ab)]`` (the encoder's pooled output; checkpoints name it ``split_brain``
+    for ``load_backbone``).
 
     Args:
-        backbone: ``split_brain`` (``backbone_kwargs: {half: convnet, half_kwargs: {width: 16}}``).
+        backbone, backbone_kwargs: each half's (e.g. ``convnet`` with ``{width: 16}``, half the width of a
+            32-wide single network); the encoder is the ``split_brain`` backbone built from them.
         bins: the ab bin set (see :class:`~ssl_lightning.methods.pretext.colorization.Colorization`).
         l_bins: L quantisation (the paper: 100; 50 also used).
         stride, head_stages, hidden: the dense heads, as Colorization's (one per half).
@@ -36,12 +38,9 @@ class SplitBrain(ColourMethod):
 
     input_space = "lab"
 
-    def __init__(self, backbone: str = "split_brain", bins: str = "neighbours", l_bins: int = 100, stride: int = 4,
-                 head_stages: list[str] | None = None, hidden: int = 256, **kwargs) -> None:
-        super().__init__(backbone=backbone, **kwargs)
-        if not isinstance(self.backbone, SplitBrainEncoder):
-            raise SSLError(f"SplitBrain needs backbone: split_brain (two halves), got {backbone!r}: set backbone: "
-                           "split_brain and backbone_kwargs: {half: convnet, half_kwargs: {width: 16}}")
+    def __init__(self, bins: str = "neighbours", l_bins: int = 100, stride: int = 4, head_stages: list[str] | None = None,
+                 hidden: int = 256, **kwargs) -> None:
+        super().__init__(**kwargs)
         if bins not in COVERS:
             raise SSLError(f"SplitBrain: bins={bins!r}; use one of {', '.join(COVERS)}")
         if l_bins < 2:
@@ -52,6 +51,13 @@ class SplitBrain(ColourMethod):
         width = {k: sum(stage(halves[k], n).channels for n in names) for k, names in self.head_stages.items()}
         self.ab_head = DenseHead(width["l_net"], self.bins.shape[0], hidden)  # L -> ab
         self.l_head = DenseHead(width["ab_net"], l_bins, hidden)  # ab -> L
+
+    def build_encoder(self) -> SplitBrainEncoder:
+        return SplitBrainEncoder(self.hparams.backbone, self.hparams.backbone_kwargs)
+
+    def encoder_spec(self) -> dict[str, Any]:
+        return super().encoder_spec() | {"backbone": "split_brain", "backbone_kwargs": {
+            "half": self.hparams.backbone, "half_kwargs": dict(self.hparams.backbone_kwargs or {})}}
 
     def encode(self, rgb: torch.Tensor) -> dict[str, Any]:
         lab = rgb_to_lab(rgb)
