@@ -19,6 +19,7 @@ from ssl_lightning.data.datasets import load_synthetic_colour
 from ssl_lightning.data.views import ViewConfig
 from ssl_lightning.evaluation.checkpoint import load_backbone
 from ssl_lightning.evaluation.data import EvalData, eval_splits, resolve_data
+from ssl_lightning.evaluation.export import export_backbone
 from ssl_lightning.evaluation.features import extract_features
 from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.methods import METHODS, Colorization, SplitBrain
@@ -251,6 +252,10 @@ def test_one_lightning_step_and_evaluation_path(name, tmp_path):
     model.eval()
     images = torch.stack([dm.val_set[i][0] for i in range(len(splits.val_set()))])  # the module's normalised view
     torch.testing.assert_close(feats, model(images), atol=1e-4, rtol=1e-4)
+    export_backbone(backbone, info, tmp_path / "export" / "backbone.pt")  # an export keeps the input space too
+    exported, meta = load_backbone(tmp_path / "export" / "backbone.pt")
+    assert meta["input"] == model.input_space and meta["in_channels"] == info["in_channels"]
+    torch.testing.assert_close(extract_features(exported, splits.loader(splits.val_set(), train=False))[0], feats)
 
 
 def _perturb_weights_and_prior(model: Colorization) -> None:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from ssl_lightning.backbones.feature_maps import feature_maps, pool, stage
 from ssl_lightning.losses.pretext.colorization import colorization_loss
-from ssl_lightning.methods.pretext.colour import ColourMethod, DenseHead, estimate_prior, hypercolumn_stages, subsample
+from ssl_lightning.methods.pretext.colour import (ColourMethod, DenseHead, estimate_prior, full_precision, hypercolumn_stages,
+                                                 subsample)
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.pretext.color import (ANNEAL_T, COVERS, GRAY_THRESHOLD, LAMBDA, SIGMA, ab_gamut_bins, annealed_mean,
                                          lab_inputs, lab_to_rgb)
@@ -74,7 +75,8 @@ class Colorization(ColourMethod):
             self.prior_counts.copy_(estimate_prior(self.trainer.datamodule, self.bins.cpu(), self.hparams.prior_images))
 
     def encode(self, rgb: torch.Tensor) -> dict[str, Any]:
-        lightness, ab = lab_inputs(rgb)
+        with full_precision(rgb):
+            lightness, ab = lab_inputs(rgb)
         maps = feature_maps(self.backbone, lightness)
         return {"feats": pool(next(reversed(maps.values()))), "maps": maps, "ab": ab}
 
@@ -89,8 +91,9 @@ class Colorization(ColourMethod):
             raise SSLError("Colorization: the ab prior is not estimated: it is at the start of fit (from the datamodule), "
                            "or call set_prior(counts) (e.g. bin_counts over training images)")
         logits, ab = self.logits(self.take_encoded())
-        loss = colorization_loss(logits, ab, self.bins, self.prior_counts, hp.lam, hp.neighbours, hp.sigma,
-                                 hp.gray_threshold)
+        with full_precision(logits):
+            loss = colorization_loss(logits.float(), ab, self.bins, self.prior_counts, hp.lam, hp.neighbours, hp.sigma,
+                                     hp.gray_threshold)
         return {"loss": loss}
 
     @torch.no_grad()
@@ -99,7 +102,7 @@ class Colorization(ColourMethod):
         the predicted distributions, upsampled bilinearly to full resolution."""
         rgb = self.rgb(x)
         logits, _ = self.logits(self.encode(rgb))
-        ab = annealed_mean(logits.softmax(dim=1), self.bins, self.hparams.temperature)
+        ab = annealed_mean(logits.float().softmax(dim=1), self.bins, self.hparams.temperature)
         ab = F.interpolate(ab, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
         lightness = lab_inputs(rgb)[0] * 100 + 50
         return lab_to_rgb(torch.cat([lightness, ab], dim=1))

@@ -58,6 +58,12 @@ class DenseHead(nn.Module):
         return self.out(self.hidden(x))
 
 
+def full_precision(x: torch.Tensor):
+    """Autocast off: Lab conversion, bin distances and the losses in float32 under bf16 / fp16 mixed precision (ab
+    values reach 100, so half-precision squared distances would pick wrong bins)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def subsample(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Every ``stride``-th position (the official 1/4-resolution targets: a stride-4 sub-sampling of ab)."""
     return x[..., ::stride, ::stride]
@@ -132,11 +138,13 @@ class ColourMethod(SSLMethod):
             raise SSLError(f"{type(self).__name__} does not know how its images were normalised: give mean and std "
                            "(the dataset's), or train with an SSLDataModule (they are read from it)")
         refuse_gray(type(self).__name__, x.shape[1])
-        return (x * self.data_std[:, None, None] + self.data_mean[:, None, None]).clamp(0, 1)
+        return (x.float() * self.data_std[:, None, None] + self.data_mean[:, None, None]).clamp(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of normalised RGB images, converted to the encoder's input (what kNN / the probe use)."""
-        return self.backbone(network_input(self.rgb(x), self.input_space))
+        with full_precision(x):
+            x = network_input(self.rgb(x), self.input_space)
+        return self.backbone(x)
 
     def encode(self, rgb: torch.Tensor) -> dict[str, Any]:
         """One encoder pass over RGB images in [0, 1]: ``{"feats": pooled features, ...what loss() needs}``."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ssl_lightning.backbones.feature_maps import feature_maps, pool, stage
 from ssl_lightning.backbones.split_brain import SplitBrainEncoder
-from ssl_lightning.methods.pretext.colour import ColourMethod, DenseHead, hypercolumn_stages, subsample
+from ssl_lightning.methods.pretext.colour import ColourMethod, DenseHead, full_precision, hypercolumn_stages, subsample
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.pretext.color import AB_SCALE, COVERS, ab_gamut_bins, normalize_l, quantize_ab, quantize_l, rgb_to_lab
 from ssl_lightning.registry import SSLError
@@ -60,7 +60,8 @@ class SplitBrain(ColourMethod):
             "half": self.hparams.backbone, "half_kwargs": dict(self.hparams.backbone_kwargs or {})}}
 
     def encode(self, rgb: torch.Tensor) -> dict[str, Any]:
-        lab = rgb_to_lab(rgb)
+        with full_precision(rgb):
+            lab = rgb_to_lab(rgb)
         maps_l = feature_maps(self.backbone.l_net, normalize_l(lab[:, :1]))
         maps_ab = feature_maps(self.backbone.ab_net, lab[:, 1:] / AB_SCALE)
         feats = torch.cat([pool(next(reversed(maps_l.values()))), pool(next(reversed(maps_ab.values())))], dim=1)
@@ -77,6 +78,7 @@ class SplitBrain(ColourMethod):
 
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         ab_logits, l_logits, lab = self.logits(self.take_encoded())
-        loss_ab = F.cross_entropy(ab_logits, quantize_ab(lab[:, 1:], self.bins))
-        loss_l = F.cross_entropy(l_logits, quantize_l(lab[:, 0], self.hparams.l_bins))
+        with full_precision(lab):
+            loss_ab = F.cross_entropy(ab_logits.float(), quantize_ab(lab[:, 1:], self.bins))
+            loss_l = F.cross_entropy(l_logits.float(), quantize_l(lab[:, 0], self.hparams.l_bins))
         return {"loss": loss_ab + loss_l, "loss_l_to_ab": loss_ab, "loss_ab_to_l": loss_l}
