@@ -9,7 +9,8 @@ briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and repo
   cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
 
     python experiments/colour_check.py colorization:10 split_brain:10
-Writes experiments/results/colour_check/{results.json,table.md}.
+Writes experiments/results/colour_check/{results.json,table.md} and colorized.png (held-out images, their L,
+Colorization's annealed-mean colorization).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ssl_lightning.evaluation.learning import learning_check
 from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.methods import Colorization, SplitBrain
 from ssl_lightning.methods.pretext.colour import subsample
-from ssl_lightning.pretext.color import bin_counts, quantize_ab, quantize_l, rgb_to_lab
+from ssl_lightning.pretext.color import bin_counts, lab_inputs, quantize_ab, quantize_l, rgb_to_lab
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "colour_check"
@@ -61,7 +62,18 @@ def colorization_heldout(model: Colorization, dm) -> dict[str, float]:
             sums[key + "_prior_only"] += x.shape[0] * float(colorization_loss(
                 prior_logits, ab, model.bins, model.prior_counts, lam, hp.neighbours, hp.sigma, hp.gray_threshold))
         n += x.shape[0]
+    _save_colorizations(model, next(iter(_batches(dm.val_set, 10))))
     return {k: v / n for k, v in sums.items()} | {"chance_ln_q": math.log(model.bins.shape[0])}
+
+
+def _save_colorizations(model: Colorization, x: torch.Tensor) -> None:
+    """Held-out images: originals, their L, and the annealed-mean colorization (T 0.38), one row each."""
+    from torchvision.utils import save_image
+
+    rgb = model.rgb(x)
+    gray = (lab_inputs(rgb)[0] + 0.5).clamp(0, 1).expand(-1, 3, -1, -1)  # (L - 50) / 100 + 0.5 = L / 100
+    OUT.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat([rgb, gray, model.colorize(x)]), OUT / "colorized.png", nrow=x.shape[0], padding=1)
 
 
 @torch.no_grad()
