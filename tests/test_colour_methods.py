@@ -270,3 +270,22 @@ def test_colorization_prior_is_kept_by_checkpoints_exact_resume(tmp_path):
     assert "prior_counts" in runs.checkpoint["state_dict"]
     torch.testing.assert_close(runs.resumed.prior_counts, runs.first.prior_counts)
     assert runs.resumed.prior_counts.sum() == 16 * SIZE * SIZE
+
+
+def test_targets_are_exact_under_mixed_precision():
+    """Under bf16 autocast the methods compute Lab, bin distances and losses in float32: the same targets and (with a
+    zeroed head, where the logits are exact) the same loss as without autocast."""
+    from ssl_lightning.methods.pretext.colour import full_precision
+
+    bins = ab_gamut_bins()
+    _, ab = lab_inputs(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
+    exact = quantize_ab(ab, bins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with full_precision(ab):
+            assert torch.equal(quantize_ab(ab, bins), exact)
+        model = _make("split_brain")
+        _zero(model.ab_head.out)
+        _zero(model.l_head.out)
+        out = model.loss(model.forward_views([_images()]), [], torch.arange(4))
+    assert out["loss"].dtype == torch.float32
+    assert out["loss"].item() == pytest.approx(math.log(309) + math.log(100), abs=1e-5)
