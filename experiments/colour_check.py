@@ -4,6 +4,7 @@ briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and repo
 
 * kNN top-1 (k 200, T 0.1) of the random-init and of the trained backbone, bank = training images, queries =
   held-out images (the learning check's protocol, ``ssl_lightning.evaluation.learning``);
+* for SplitBrain also the kNN of each half's features alone (trained, and at a fresh random init of seed 0);
 * the held-out loss of the trained model against the prior-only baseline (predicting the training images'
   empirical bin distribution at every position): Colorization's rebalanced loss and its unweighted
   cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
@@ -21,15 +22,17 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ssl_lightning.evaluation.knn import weighted_knn
 from ssl_lightning.evaluation.learning import learning_check
 from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.methods import Colorization, SplitBrain
 from ssl_lightning.methods.pretext.colour import subsample
-from ssl_lightning.pretext.color import bin_counts, lab_inputs, quantize_ab, quantize_l, rgb_to_lab
+from ssl_lightning.pretext.color import bin_counts, lab_inputs, network_input, quantize_ab, quantize_l, rgb_to_lab
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "colour_check"
@@ -103,7 +106,38 @@ def split_brain_heldout(model: SplitBrain, dm) -> dict[str, float]:
     return {k: v / n for k, v in sums.items()}
 
 
-HELDOUT = {"colorization": colorization_heldout, "split_brain": split_brain_heldout}
+@torch.no_grad()
+def _knn(encode, dm) -> float:
+    """kNN top-1 (k 200, T 0.1; the monitor's protocol) of ``encode(normalised images)``: bank = the un-augmented
+    training images, queries = the held-out images."""
+    def features(ds):
+        feats, labels = zip(*((encode(x), y) for x, y in DataLoader(ds, batch_size=250)))
+        return torch.cat(feats), torch.cat(labels)
+
+    bank, bank_labels = features(dm.eval_set)
+    queries, labels = features(dm.val_set)
+    preds = weighted_knn(bank, bank_labels, queries, dm.num_classes, k=200, temperature=0.1)
+    return float((preds == labels).float().mean())
+
+
+def split_brain_halves(model: SplitBrain, dm) -> dict[str, float]:
+    """kNN of each half's features alone and of both, trained and at a fresh random init (seed 0)."""
+    L.seed_everything(0)
+    fresh = type(model)(**dict(model.hparams))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "backbone" not in k and "head" not in k},
+                          strict=False)  # the data statistics (buffers), not the weights
+    out = {}
+    for tag, m in (("trained", model), ("random_init", fresh)):
+        m.eval()
+        lab = lambda x, m=m: network_input(m.rgb(x), "lab")  # noqa: E731
+        out[f"knn_l_half_{tag}"] = _knn(lambda x, m=m: m.backbone.l_net(lab(x)[:, :1]), dm)
+        out[f"knn_ab_half_{tag}"] = _knn(lambda x, m=m: m.backbone.ab_net(lab(x)[:, 1:]), dm)
+        out[f"knn_both_{tag}"] = _knn(m, dm)
+    return out
+
+
+HELDOUT = {"colorization": colorization_heldout,
+           "split_brain": lambda model, dm: split_brain_heldout(model, dm) | split_brain_halves(model, dm)}
 
 
 def table(results: dict) -> str:
@@ -119,6 +153,12 @@ def table(results: dict) -> str:
             prior = f"L->ab {m['heldout_ce_l_to_ab_prior_only']:.3f}, ab->L {m['heldout_ce_ab_to_l_prior_only']:.3f}"
         rows.append(f"| {method} | {r['epochs']} | {r['knn_random_init']:.4f} | {r['knn_trained']:.4f} | {trained} | "
                     f"{prior} | {r['seconds']:.0f} |")
+    m = results.get("split_brain", {}).get("metrics", {})
+    if "knn_l_half_trained" in m:
+        rows += ["", "SplitBrain's halves alone (kNN top-1; random init: a fresh model of seed 0):", "",
+                 "| features | random init | trained |", "|---|---|---|"]
+        rows += [f"| {name} | {m[f'knn_{key}_random_init']:.4f} | {m[f'knn_{key}_trained']:.4f} |"
+                 for name, key in (("L half (L -> ab)", "l_half"), ("ab half (ab -> L)", "ab_half"), ("both", "both"))]
     return "\n".join(rows) + "\n"
 
 
