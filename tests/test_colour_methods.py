@@ -10,7 +10,6 @@ import math
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ssl_lightning import SSLDataModule
 from ssl_lightning.backbones import build_backbone
