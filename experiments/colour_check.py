@@ -123,7 +123,7 @@ def _knn(encode, dm) -> float:
 def split_brain_halves(model: SplitBrain, dm) -> dict[str, float]:
     """kNN of each half's features alone and of both, trained and at a fresh random init (seed 0)."""
     L.seed_everything(0)
-    fresh = type(model)(**dict(model.hparams))
+    fresh = type(model)(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})  # not the CLI's _class_path
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "backbone" not in k and "head" not in k},
                           strict=False)  # the data statistics (buffers), not the weights
     out = {}
