@@ -9,6 +9,11 @@ briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and repo
   empirical bin distribution at every position): Colorization's rebalanced loss and its unweighted
   cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
 
+Reading the figures: an L-only encoder (Colorization, SplitBrain's L half) can reach at most the 5 shapes (50%);
+SplitBrain's ab half sees the hue itself, so even random features separate the classes, and its task (ab -> L)
+rewards only what ab says about L (object vs gray background: the hue does not predict L here), so training can
+lose hue information that random features kept.
+
     python experiments/colour_check.py colorization:10 split_brain:10
 Writes experiments/results/colour_check/{results.json,table.md} and colorized.png (held-out images, their L,
 Colorization's annealed-mean colorization).
