@@ -245,6 +245,9 @@ def test_pi_model_weight_is_tempens_ramp():
     assert model.unlabelled_weight() == 0.0  # the first epoch
     T.current_epoch = 20
     assert model.unlabelled_weight() == pytest.approx(100 * 4000 / 49000 * math.exp(-5 * (1 - 20 / 80) ** 2))
+    T.global_step, T.estimated_stepping_batches = 10, 100
+    model.hparams.update(tempens_weight=False, lambda_u=10.0, rampup="linear", rampup_length=0.4)
+    assert model.unlabelled_weight() == pytest.approx(10.0 * 0.1 / 0.4)  # the FixMatch repository's baseline
 
 
 def test_temporal_ensembling_targets_and_loss():
@@ -287,6 +290,11 @@ def test_mean_teacher_loss_momentum_and_teacher_in_train_mode(usb):
     criterions, _ = usb
     torch.testing.assert_close(loss, criterions.consistency_loss(torch.cat([batch.logits, batch.view_logits[0]]),
                                                                  teacher, "mse"))
+
+    model.hparams.labelled_consistency = False  # the FixMatch repository's baseline: the unlabelled images only
+    with torch.no_grad():
+        teacher_u = torch.softmax(teacher_fc(teacher_bb(v1)), 1)
+    torch.testing.assert_close(model.unlabelled_loss(batch)[0], ((student[4:] - teacher_u) ** 2).mean())
 
     class T:
         global_step = 1

@@ -170,10 +170,12 @@ class SemiSupervisedMethod(SSLMethod):
 
     def unlabelled_weight(self) -> float:
         """``w(t) = lambda_u * ramp(t)`` at this step, ``t`` in ``rampup_unit``."""
-        hp = self.hparams
-        t = {"steps": self.trainer.global_step, "epochs": self.trainer.global_step / self.steps_per_epoch(),
-             "fraction": self.trainer.global_step / max(1, int(self.trainer.estimated_stepping_batches))}[hp.rampup_unit]
-        return hp.lambda_u * RAMPS[hp.rampup](t, hp.rampup_length)
+        hp, step = self.hparams, self.trainer.global_step
+        if hp.rampup_unit == "epochs":
+            step = step / self.steps_per_epoch()
+        elif hp.rampup_unit == "fraction":
+            step = step / max(1, int(self.trainer.estimated_stepping_batches))
+        return hp.lambda_u * RAMPS[hp.rampup](step, hp.rampup_length)
 
     # ---- the network ----------------------------------------------------------------------------------------------
     def logits(self, x: Tensor, ema: bool = False) -> Tensor:

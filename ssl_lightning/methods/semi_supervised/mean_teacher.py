@@ -27,11 +27,14 @@ class MeanTeacher(SemiSupervisedMethod):
 
     Args:
         alpha: the teacher's EMA decay after the warm-up (0.99; 0.999 in the TensorFlow ConvNet setting).
+        labelled_consistency: apply the consistency to the labelled batch too (the official code; the FixMatch
+            repository's baseline applies it to the unlabelled images only).
         **kwargs: :class:`SemiSupervisedMethod` options.
     """
 
     def __init__(self, alpha: float = 0.99, lambda_u: float = 100.0, rampup: str = "sigmoid",
-                 rampup_length: float = 5.0, rampup_unit: str = "epochs", **kwargs) -> None:
+                 rampup_length: float = 5.0, rampup_unit: str = "epochs", labelled_consistency: bool = True,
+                 **kwargs) -> None:
         ema_decay = kwargs.pop("ema_decay", None)
         if ema_decay is not None and ema_decay != alpha:
             raise SSLError(f"MeanTeacher: ema_decay={ema_decay}: the teacher is the EMA model, its decay is alpha="
@@ -50,7 +53,9 @@ class MeanTeacher(SemiSupervisedMethod):
         return super().forward_batch(student)  # the student: labelled + the first view, one pass
 
     def unlabelled_loss(self, batch: SemiBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        labelled = self.hparams.labelled_consistency
         with torch.no_grad():
-            teacher = torch.softmax(self.logits(torch.cat([batch.x, batch.views[1]]), ema=True), dim=1)
-        student = torch.cat([batch.logits, batch.view_logits[0]])
+            teacher_input = torch.cat([batch.x, batch.views[1]]) if labelled else batch.views[1]
+            teacher = torch.softmax(self.logits(teacher_input, ema=True), dim=1)
+        student = torch.cat([batch.logits, batch.view_logits[0]]) if labelled else batch.view_logits[0]
         return softmax_mse(student, teacher), {}
