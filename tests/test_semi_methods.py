@@ -399,3 +399,16 @@ def test_wide_resnet_shapes_and_parameter_counts():
     assert build_backbone("wide_resnet", depth=10, widen=1, in_channels=1)(torch.randn(1, 1, 16, 16)).shape == (1, 64)
     with pytest.raises(SSLError, match=r"depth=27: use depth = 6 n \+ 4"):
         build_backbone("wide_resnet", depth=27)
+
+
+def test_wide_resnet_feature_maps():
+    from ssl_lightning.backbones import build_backbone
+    from ssl_lightning.backbones.feature_maps import Stage, feature_maps, pool, stages
+
+    net = build_backbone("wide_resnet", depth=10, widen=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    maps = feature_maps(net, x)
+    assert [(k, tuple(v.shape[1:])) for k, v in maps.items()] == [("stem", (16, 16, 16)), ("group1", (32, 16, 16)),
+                                                                  ("group2", (64, 8, 8)), ("group3", (128, 4, 4))]
+    torch.testing.assert_close(pool(maps["group3"]), net(x))
+    assert stages(net) == [Stage("stem", 16, 1), Stage("group1", 32, 1), Stage("group2", 64, 2), Stage("group3", 128, 4)]
