@@ -154,6 +154,8 @@ def test_cli_builds_the_semi_supervised_data_module_for_these_methods(tmp_path):
     assert _datamodule_class(["fit", "--config", "experiments/fashion_mnist/semi/supervised.yaml"]) is SemiSupervisedDataModule
     assert _datamodule_class(["fit", "--config", "experiments/fashion_mnist/simclr.yaml"]) is SSLDataModule
     assert _datamodule_class(["fit", "--model", "supervised"]) is SemiSupervisedDataModule
+    assert _datamodule_class({"model": {"class_path": "ssl_lightning.methods.MeanTeacher"}}) is SemiSupervisedDataModule
+    assert _datamodule_class({"model": "simclr"}) is SSLDataModule
     run = tmp_path / "run"
     main(["fit", "--model", "supervised", "--model.backbone", "convnet", "--model.backbone_kwargs", '{"width": 4}',
           "--data.dataset", "synthetic", "--data.dataset_options", '{"size": 60, "image_size": 8}',
