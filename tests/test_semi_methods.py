@@ -85,6 +85,20 @@ def test_ema_model_follows_the_decay_after_every_step(tmp_path):
         torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * snap.student[k])
 
 
+def test_ema_warmup():
+    model = Supervised(ema_decay=0.999, num_classes=10, **TINY)
+
+    class T:
+        global_step = 3
+
+    model._trainer = T()
+    assert model.teacher_momentum() == 0.999  # FixMatch's fixed decay
+    model.hparams.ema_warmup = True
+    assert model.teacher_momentum() == pytest.approx(0.75)  # min(1 - 1 / (3 + 1), 0.999)
+    T.global_step = 10 ** 6
+    assert model.teacher_momentum() == 0.999
+
+
 def test_unlabelled_weight_ramps():
     model = Supervised(num_classes=10, lambda_u=3.0, rampup="linear", rampup_length=0.4, **TINY)
 
@@ -276,7 +290,7 @@ def test_temporal_ensembling_targets_and_loss():
 
 def test_mean_teacher_loss_momentum_and_teacher_in_train_mode(usb):
     model = MeanTeacher(num_classes=C, alpha=0.99, **TINY).double()
-    assert MeanTeacher.teacher_momentum is not SemiSupervisedMethod.teacher_momentum
+    assert model.hparams.ema_warmup and model.hparams.ema_decay == 0.99
     x, v0, v1 = rand(4, 3, 8, 8, seed=1), rand(8, 3, 8, 8, seed=2), rand(8, 3, 8, 8, seed=3)
     batch = SemiBatch(x, torch.zeros(4, dtype=torch.long), torch.arange(4), views=[v0, v1], index=torch.arange(8))
     batch.logits, batch.view_logits = model.forward_batch(batch)
