@@ -383,6 +383,15 @@ def test_temporal_ensembling_resumes_exactly(tmp_path):
     assert int(runs.checkpoint["state_dict"]["ensemble.epochs_done"]) == 1
 
 
+
+def test_temporal_ensembling_resumes_exactly_from_an_epochs_last_batch(tmp_path):
+    # saved in on_train_batch_end of the epoch's last step (5 steps of 8 unlabelled images), before its epoch end
+    make = _seeded(TemporalEnsembling, rampup_epochs=1, num_classes=10, num_samples=40)
+    runs = check_resume_is_exact(make, _resume_data(["weak"]), tmp_path, perturb=_perturb_everything, stop_at=5,
+                                 default_root_dir=tmp_path)
+    assert int(runs.checkpoint["state_dict"]["ensemble.epochs_done"]) == 0 and int(runs.resumed.ensemble.epochs_done) == 2
+
+
 def test_mean_teacher_resumes_exactly(tmp_path):
     runs = check_resume_is_exact(_seeded(MeanTeacher, num_classes=10), _resume_data(["weak", "weak"]), tmp_path,
                                  perturb=_perturb_everything, default_root_dir=tmp_path)

@@ -48,3 +48,11 @@ class TemporalEnsembling(PerSampleState, PiModel):
     def on_train_epoch_end(self) -> None:
         if self.ensemble is not None:
             self.ensemble.end_epoch()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # resumed from a checkpoint of an epoch's last batch (saved before that epoch's end): Lightning goes on with
+        # the next epoch without the epoch-end hooks, so the saved predictions are folded in here
+        ensemble = self.ensemble
+        if ensemble is not None and bool(ensemble.seen.any()) and int(ensemble.epochs_done) < self.current_epoch:
+            ensemble.end_epoch()
