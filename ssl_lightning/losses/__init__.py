@@ -18,6 +18,7 @@ from ssl_lightning.losses.metric.contrastive_margin import contrastive_margin_lo
 from ssl_lightning.losses.metric.infonce import info_nce, moco_infonce, mocov3_infonce
 from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
 from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
+from ssl_lightning.losses.mutual_information.cpc import cpc_infonce
 
 # the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
 for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
@@ -63,3 +64,4 @@ __all__ = [
     "vicreg_loss",
     "wmse_loss",
 ]
+__all__ += ["cpc_infonce"]
