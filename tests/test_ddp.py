@@ -435,3 +435,52 @@ def test_lightning_ddp_spawn_simclr_with_knn(tmp_path, monkeypatch):
     assert "val/knn_top1" in metrics, sorted(metrics)
     assert 0.0 <= float(metrics["val/knn_top1"]) <= 1.0
     assert torch.isfinite(metrics["train/loss"])
+
+
+# ---- CPC: every process's patches are the negatives (gathered with gradient) ------------------------------------
+CPC_B = 2  # images per process, 3 x 3 patches each: 36 candidates in the global batch
+
+
+def build_cpc():
+    from ssl_lightning.methods import CPC
+
+    torch.manual_seed(0)  # the same weights on every rank and in the parent (DDP also broadcasts rank 0's)
+    return CPC(backbone="convnet", backbone_kwargs={"norm": "layer", "width": 4}, in_channels=1, num_classes=0,
+               patch=8, stride=4, steps=2, context_blocks=1, flip=False)
+
+
+def cpc_images() -> torch.Tensor:
+    return torch.randn(WORLD * CPC_B, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def scenario_cpc(rank: int, world: int, out: Path) -> dict:
+    from ddp_utils import LossStep
+
+    model = build_cpc()
+    ddp = torch.nn.parallel.DistributedDataParallel(LossStep(model))
+    loss = ddp([cpc_images()[rank * CPC_B:(rank + 1) * CPC_B]])
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(model)}
+
+
+SCENARIOS["cpc"] = scenario_cpc
+
+
+def test_cpc_ddp_equals_one_process_on_the_global_batch(ddp):
+    from ddp_utils import LossStep, assert_grads_match
+
+    results = ddp("cpc")
+    model = build_cpc()
+    images = cpc_images()
+    ref_loss = LossStep(model)([images])
+    ref_loss.backward()
+    ref = grads(model)
+    assert len(ref) == len(list(model.parameters()))
+    losses = torch.stack([res["loss"] for res in results])
+    # each rank averages over its own predictions against all 36 patches: the mean over ranks is the global loss
+    torch.testing.assert_close(losses.mean(), ref_loss.detach(), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(losses[0], losses[1]), "both ranks computed the same loss: were the images split?"
+    assert_grads_match(results, ref, float(max(g.abs().max() for g in ref.values())))
+    with torch.no_grad():  # guard: with each process's own patches only, the loss would differ
+        local = torch.stack([LossStep(model)([images[r * CPC_B:(r + 1) * CPC_B]]) for r in range(WORLD)]).mean()
+    assert (local - ref_loss.detach()).abs() > 1e-3

@@ -12,9 +12,11 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "group":
         return nn.GroupNorm(8, channels)
+    if kind == "layer":  # LayerNorm over each sample's (C, H, W): no statistics shared between samples (CPC v2)
+        return nn.GroupNorm(1, channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'group' or 'none', got {kind!r}")
+    raise ValueError(f"norm must be 'batch', 'group', 'layer' or 'none', got {kind!r}")
 
 
 class ConvNet(nn.Module):

@@ -19,6 +19,7 @@ from ssl_lightning.losses.metric.infonce import info_nce, moco_infonce, mocov3_i
 from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
 from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
 from ssl_lightning.losses.pretext.colorization import colorization_loss
+from ssl_lightning.losses.mutual_information.cpc import cpc_infonce
 
 # the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
 for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
@@ -65,3 +66,4 @@ __all__ = [
     "vicreg_loss",
     "wmse_loss",
 ]
+__all__ += ["cpc_infonce"]

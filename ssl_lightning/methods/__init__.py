@@ -9,6 +9,7 @@ from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
 from ssl_lightning.methods.metric import Siamese
+from ssl_lightning.methods.mutual_information import CPC
 from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
 from ssl_lightning.methods.pretext import Colorization, SplitBrain
 from ssl_lightning.methods.registry import METHODS
@@ -27,3 +28,4 @@ __all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPr
 __all__ += ["Colorization", "SplitBrain"]
 __all__ += ["SemiSupervisedMethod", "Supervised"]
 __all__ += ["EntropyMinimisation", "MeanTeacher", "PiModel", "PseudoLabel", "TemporalEnsembling"]
+__all__ += ["CPC"]

@@ -6,6 +6,7 @@ to a task's inputs and targets, any device, an optional CPU ``torch.Generator`` 
 * :mod:`~ssl_lightning.pretext.context` -- patch pairs and their relative position (Doersch et al.);
 * :mod:`~ssl_lightning.pretext.color` -- Lab, in-gamut ab bins, soft targets, rebalancing (Zhang et al.);
 * :mod:`~ssl_lightning.pretext.masks` -- context-encoder masks with mean fill, masking noise (Pathak; Vincent).
+* :mod:`~ssl_lightning.pretext.patch_grid` -- CPC's grid of overlapping patches, its per-patch augmentation (Oord; Henaff).
 """
 from ssl_lightning.pretext.color import (ab_gamut_bins, bin_counts, lab_inputs, lab_to_rgb, non_gray_mask, normalize_l,
                                          quantize_ab, rebalance_weights, rgb_to_lab, soft_encode)
@@ -14,6 +15,7 @@ from ssl_lightning.pretext.context import NEIGHBOUR_OFFSETS, downsample_upsample
 from ssl_lightning.pretext.jigsaw import (all_permutations, greedy_hamming, jigsaw_tiles, maximal_hamming_permutations,
                                           mean_hamming_distance, permute_tiles, unpermute_tiles)
 from ssl_lightning.pretext.masks import central_mask, fill_with_mean, masking_noise, random_region_mask
+from ssl_lightning.pretext.patch_grid import augment_patches, grid_layout, patch_grid
 from ssl_lightning.pretext.rotation import rotate_batch, unrotate_batch
 
 __all__ = [
@@ -49,3 +51,4 @@ __all__ = [
     "unpermute_tiles",
     "unrotate_batch",
 ]
+__all__ += ["augment_patches", "grid_layout", "patch_grid"]
