@@ -9,6 +9,7 @@ from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
 from ssl_lightning.methods.metric import Siamese
+from ssl_lightning.methods.mutual_information import DeepInfoMax
 from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
 from ssl_lightning.methods.registry import METHODS
 
@@ -21,3 +22,4 @@ for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "sim
 __all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPro", "Jigsaw", "METHODS", "MoCoV1", "MoCoV2",
            "MoCoV3", "MuConPro", "NPID", "NoiseAsTargets", "Rotation", "SSLMethod", "Siamese", "SimCLR", "SimSiam", "SwAV",
            "TWIST", "VICReg", "WMSE"]
+__all__ += ["DeepInfoMax"]

@@ -1,0 +1,8 @@
+"""Mutual-information losses: Deep InfoMax's estimators (JSD, DV, InfoNCE), its local / global score layout and
+its prior-matching terms."""
+from ssl_lightning.losses.mutual_information.dim import (DIM_ESTIMATORS, dim_loss, dim_scores, dv_mi_loss,
+                                                         infonce_mi_loss, jsd_mi_loss, prior_discriminator_loss,
+                                                         prior_encoder_loss)
+
+__all__ = ["DIM_ESTIMATORS", "dim_loss", "dim_scores", "dv_mi_loss", "infonce_mi_loss", "jsd_mi_loss",
+           "prior_discriminator_loss", "prior_encoder_loss"]
