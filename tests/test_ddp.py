@@ -441,14 +441,14 @@ def test_lightning_ddp_spawn_simclr_with_knn(tmp_path, monkeypatch):
 DIM_ESTIMATORS = ("jsd", "dv", "infonce")
 
 
-def build_dim(estimator: str):
-    """Norm-free Deep InfoMax (local and global terms; the prior's samples are random, left out): BatchNorm in the
+def build_dim(estimator: str, gamma: float = 0.0):
+    """Norm-free Deep InfoMax (local and global terms; ``gamma`` the prior's, whose samples are random): BatchNorm in the
     MI networks and the encoding normalises per process, so it is replaced by the identity (LayerNorm stays)."""
     from ssl_lightning.methods import DeepInfoMax
 
     torch.manual_seed(0)
     model = DeepInfoMax(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=0,
-                        estimator=estimator, alpha=0.5, beta=1.0, gamma=0.0, mi_units=16, encoding_dim=8,
+                        estimator=estimator, alpha=0.5, beta=1.0, gamma=gamma, mi_units=16, encoding_dim=8,
                         encoding_hidden=16)
 
     def strip(module: nn.Module) -> None:
@@ -473,6 +473,12 @@ def scenario_dim(rank: int, world: int, out: Path) -> dict:
         loss = ddp(views[:1], index)
         loss.backward()
         results[estimator] = {"loss": loss.detach(), "grads": grads(model)}
+    model = build_dim("jsd", gamma=0.1)  # the prior term's gradient penalty (double backward) under DDP
+    views, index = local_batch(rank)
+    torch.manual_seed(rank)  # each process its own prior samples
+    ddp = torch.nn.parallel.DistributedDataParallel(LossStep(model))
+    ddp(views[:1], index).backward()
+    results["prior"] = {"grads": grads(model)}
     return results
 
 
@@ -514,3 +520,14 @@ class LossStepNoGather(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.loss(self.model.forward_views([x]), [x], torch.arange(x.shape[0]))["loss"]
+
+
+def test_dim_prior_discriminator_trains_under_ddp(ddp):
+    """With the prior term (its gradient penalty differentiates the discriminator twice) DDP still averages every
+    gradient: both processes hold the same, finite, non-zero gradients of the encoder and the discriminator."""
+    g0, g1 = (res["prior"]["grads"] for res in ddp("dim"))
+    assert g0.keys() == g1.keys() and any(n.startswith("discriminator.") for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], msg=name)
+        assert torch.isfinite(g0[name]).all()
+    assert g0["discriminator.0.weight"].abs().sum() > 0 and g0["encoding.0.weight"].abs().sum() > 0
