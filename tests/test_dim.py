@@ -99,7 +99,7 @@ def _official(l: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
         e_neg = (F.softplus(-u) + u - math.log(2.)).mean(2).mean(2)
         return (e_neg * n_mask).sum() / n_mask.sum() - (e_pos * mask).sum() / mask.sum()
     # donsker_varadhan_loss is not transcribed: its (N, N) masks broadcast wrongly against the (N, N, P, 1) scores
-    # (E_pos averages over every pair; the in-place -10 shift raises unless P is 1 or N); the loop checks DV's intent
+    # (E_pos sums over every pair; the in-place -10 shift raises for any N > 1): the loops check what it means to do
     raise ValueError(mode)
 
 
