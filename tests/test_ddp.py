@@ -484,3 +484,99 @@ def test_cpc_ddp_equals_one_process_on_the_global_batch(ddp):
     with torch.no_grad():  # guard: with each process's own patches only, the loss would differ
         local = torch.stack([LossStep(model)([images[r * CPC_B:(r + 1) * CPC_B]]) for r in range(WORLD)]).mean()
     assert (local - ref_loss.detach()).abs() > 1e-3
+
+
+# ---- Deep InfoMax: the negatives (other images' local maps) gathered with gradient ------------------------------------
+DIM_ESTIMATORS = ("jsd", "dv", "infonce")
+
+
+def build_dim(estimator: str, gamma: float = 0.0):
+    """Norm-free Deep InfoMax (local and global terms; ``gamma`` the prior's, whose samples are random): BatchNorm in the
+    MI networks and the encoding normalises per process, so it is replaced by the identity (LayerNorm stays)."""
+    from ssl_lightning.methods import DeepInfoMax
+
+    torch.manual_seed(0)
+    model = DeepInfoMax(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=0,
+                        estimator=estimator, alpha=0.5, beta=1.0, gamma=gamma, mi_units=16, encoding_dim=8,
+                        encoding_hidden=16)
+
+    def strip(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, nn.Identity())
+            else:
+                strip(child)
+
+    strip(model)
+    return model
+
+
+def scenario_dim(rank: int, world: int, out: Path) -> dict:
+    from ddp_utils import LossStep
+
+    results = {}
+    for estimator in DIM_ESTIMATORS:
+        model = build_dim(estimator)
+        views, index = local_batch(rank)
+        ddp = torch.nn.parallel.DistributedDataParallel(LossStep(model))
+        loss = ddp(views[:1], index)
+        loss.backward()
+        results[estimator] = {"loss": loss.detach(), "grads": grads(model)}
+    model = build_dim("jsd", gamma=0.1)  # the prior term's gradient penalty (double backward) under DDP
+    views, index = local_batch(rank)
+    torch.manual_seed(rank)  # each process its own prior samples
+    ddp = torch.nn.parallel.DistributedDataParallel(LossStep(model))
+    ddp(views[:1], index).backward()
+    results["prior"] = {"grads": grads(model)}
+    return results
+
+
+SCENARIOS["dim"] = scenario_dim
+
+
+@pytest.mark.parametrize("estimator", DIM_ESTIMATORS)
+def test_dim_ddp_equals_one_process_on_the_global_batch(ddp, estimator):
+    results = [res[estimator] for res in ddp("dim")]
+    model = build_dim(estimator)
+    views, index = global_batch()
+    ref_loss, ref_grads = _reference_step_views(model, views[:1], index)
+    losses = torch.stack([res["loss"] for res in results])
+    torch.testing.assert_close(losses.mean(), ref_loss, atol=1e-5, rtol=1e-5)  # per-process losses average to it
+    assert not torch.allclose(losses[0], losses[1]), "both ranks computed the same loss: were batches split?"
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    assert len(ref_grads) == len(list(model.parameters())) and scale > 1e-4
+    for r, res in enumerate(results):
+        _assert_close_dicts(res["grads"], ref_grads, atol=1e-5 * scale, rtol=1e-4, what=f"rank {r} {estimator} grad")
+    # guard: with each process's own images only as negatives the gradients would differ (JSD's means barely move)
+    model.zero_grad()
+    torch.stack([LossStepNoGather(model)(views[0][r * B:(r + 1) * B]) for r in range(WORLD)]).mean().backward()
+    gap = max(float((g - ref_grads[n]).abs().max()) for n, g in grads(model).items())
+    assert gap > 10 * 1e-5 * scale, f"local-only negatives: gradients within {gap / scale:.1e} (not 10x the tolerance)"
+
+
+def _reference_step_views(model: nn.Module, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    loss = model.loss(model.forward_views(views), views, index)["loss"]
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+class LossStepNoGather(nn.Module):
+    """Deep InfoMax's loss on one shard alone (what a process would compute without the gather)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(self.model.forward_views([x]), [x], torch.arange(x.shape[0]))["loss"]
+
+
+def test_dim_prior_discriminator_trains_under_ddp(ddp):
+    """With the prior term (its gradient penalty differentiates the discriminator twice) DDP still averages every
+    gradient: both processes hold the same, finite, non-zero gradients of the encoder and the discriminator."""
+    g0, g1 = (res["prior"]["grads"] for res in ddp("dim"))
+    assert g0.keys() == g1.keys() and any(n.startswith("discriminator.") for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], msg=name)
+        assert torch.isfinite(g0[name]).all()
+    assert g0["discriminator.0.weight"].abs().sum() > 0 and g0["encoding.0.weight"].abs().sum() > 0

@@ -20,6 +20,8 @@ from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
 from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
 from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.losses.mutual_information.cpc import cpc_infonce
+from ssl_lightning.losses.mutual_information.dim import (dim_loss, dim_scores, dv_mi_loss, infonce_mi_loss, jsd_mi_loss,
+                                                         prior_discriminator_loss, prior_encoder_loss)
 
 # the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
 for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
@@ -67,3 +69,5 @@ __all__ = [
     "wmse_loss",
 ]
 __all__ += ["cpc_infonce"]
+__all__ += ["dim_loss", "dim_scores", "dv_mi_loss", "infonce_mi_loss", "jsd_mi_loss", "prior_discriminator_loss",
+            "prior_encoder_loss"]

@@ -10,6 +10,7 @@ from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, Barl
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
 from ssl_lightning.methods.metric import Siamese
 from ssl_lightning.methods.mutual_information import CPC
+from ssl_lightning.methods.mutual_information import DeepInfoMax
 from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
 from ssl_lightning.methods.pretext import Colorization, SplitBrain
 from ssl_lightning.methods.registry import METHODS
@@ -29,3 +30,4 @@ __all__ += ["Colorization", "SplitBrain"]
 __all__ += ["SemiSupervisedMethod", "Supervised"]
 __all__ += ["EntropyMinimisation", "MeanTeacher", "PiModel", "PseudoLabel", "TemporalEnsembling"]
 __all__ += ["CPC"]
+__all__ += ["DeepInfoMax"]
