@@ -109,7 +109,8 @@ class PieceTower(nn.Module):
                            "(the per-piece layer) or map_side: 0")
         self.map_side, self.who, self.fix = map_side, who, fix
         width = backbone.num_features * max(map_side, 1) ** 2
-        self.fc6 = nn.Sequential(nn.Linear(width, fc6), nn.BatchNorm1d(fc6), nn.ReLU(inplace=True)) if fc6 else nn.Identity()
+        self.fc6 = (nn.Sequential(nn.Linear(width, fc6), nn.BatchNorm1d(fc6), nn.ReLU(inplace=True)) if fc6
+                    else nn.Identity())
         self.out_features = fc6 or width
 
     def forward(self, backbone: nn.Module, pieces: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ class ContextPrediction(PretextMethod):
         fc6: width of the per-patch layer (the paper's 4096); 0 = none, the pooled backbone features are
             concatenated directly.
         map_side: the last feature map average-pooled to this side and flattened into fc6 (pool5); 0 = the
-            pooled backbone features.
+            pooled backbone features (any backbone; > 0 needs a ConvNet or ResNet's feature map).
         hidden: the head's hidden width (the paper's fc7: 4096); the head is ``2 fc6 -> hidden -> 8``.
         **kwargs: :class:`~ssl_lightning.methods.pretext.common.PretextMethod` options.
     """

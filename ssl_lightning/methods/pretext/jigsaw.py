@@ -33,7 +33,7 @@ class Jigsaw(PretextMethod):
         fc6: width of the per-tile layer (the repo's 1024); 0 = none, the tiles' pooled backbone features are
             concatenated directly.
         map_side: the last feature map average-pooled to this side and flattened into fc6 (the repo's 3 x 3
-            pool5); 0 = the pooled backbone features.
+            pool5); 0 = the pooled backbone features (any backbone; > 0 needs a ConvNet or ResNet's feature map).
         hidden: the head's hidden width (the paper's fc7: 4096); the head is ``grid^2 * fc6 -> hidden -> P``.
         **kwargs: :class:`~ssl_lightning.methods.pretext.common.PretextMethod` options.
     """
