@@ -23,8 +23,9 @@ from standins import write_image
 
 SMALL = dict(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=0, optimizer="adamw",
              lr=1e-3, warmup_epochs=0)
-JIGSAW = dict(grid=2, num_perms=24, tile=7, tile_size=8, hidden=32)  # 16 px: 8 px cells, 7 px tiles -> 8 px
-CONTEXT = dict(patch=8, gap=2, jitter=1, min_size=4, hidden=32)  # needs 2 * 8 + 2 + 2 = 20 px
+JIGSAW = dict(grid=2, num_perms=24, tile=7, tile_size=8, fc6=16, map_side=2, hidden=32)  # 16 px: 8 px cells, 7 px -> 8
+CONTEXT = dict(patch=8, gap=2, jitter=1, min_size=4, fc6=16, map_side=2, hidden=32)  # needs 2 * 8 + 2 + 2 = 20 px
+NO_FC6 = dict(fc6=0, map_side=0)  # the pieces' pooled backbone features concatenated directly
 SIZE = {"rotation": 16, "jigsaw": 16, "context_prediction": 24}
 
 
@@ -85,36 +86,54 @@ def test_rotation_loss_is_ce_over_the_rotated_batch():
     assert float(out["accuracy"]) == pytest.approx((logits.argmax(1) == target).float().mean().item())
 
 
-def test_jigsaw_loss_is_ce_over_the_permutation_index():
-    model = _make("jigsaw", tile_size=12)
+def _tower(model, pieces: torch.Tensor) -> torch.Tensor:
+    """The per-piece tower written out: the ConvNet's last map (its ``features``), a 2 x 2 map here (16 px pieces),
+    flattened channel-major, then fc6 = Linear -> BatchNorm -> ReLU; with ``NO_FC6`` the pooled backbone features."""
+    if model.hparams.fc6 == 0:
+        return model.backbone(pieces)
+    fmap = model.backbone.features(pieces)
+    assert fmap.shape[-2:] == (2, 2)  # map_side 2: the adaptive pooling is the identity
+    linear, norm = model.tower.fc6[0], model.tower.fc6[1]
+    h = fmap.flatten(1) @ linear.weight.T + linear.bias
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + norm.eps) * norm.weight + norm.bias
+    return h.clamp(min=0)
+
+
+@pytest.mark.parametrize("kw", [{}, NO_FC6])
+def test_jigsaw_loss_is_ce_over_the_permutation_index(kw):
+    model = _make("jigsaw", tile_size=16, **kw)
     views = _views(16)
     torch.manual_seed(5)
     out = _loss(model, views)
     torch.manual_seed(5)  # the method's generator outside a trainer: drawn from the global RNG, as the builder's
     tiles, target = jigsaw_tiles(views[0], model.permutations, grid=2, tile=7)
     assert tiles.shape == (8, 4, 1, 7, 7)
-    up = F.interpolate(tiles.flatten(0, 1), size=12, mode="bilinear", align_corners=False)
-    feats = model.backbone(up)  # (32, D): the tiles of image b are rows 4b..4b+3, in position order
+    up = F.interpolate(tiles.flatten(0, 1), size=16, mode="bilinear", align_corners=False)
+    feats = _tower(model, up)  # (32, W): the tiles of image b are rows 4b..4b+3, in position order
+    assert feats.shape[1] == (16 if kw == {} else model.backbone.num_features)
     concat = torch.stack([torch.cat([feats[4 * b + i] for i in range(4)]) for b in range(8)])
     assert float(out["loss"]) == pytest.approx(plain_ce(model.head(concat), target), abs=1e-5)
 
 
-def test_context_prediction_loss_is_ce_over_the_position_on_grey_images():
-    model = _make("context_prediction")
+@pytest.mark.parametrize("kw", [{}, NO_FC6])
+def test_context_prediction_loss_is_ce_over_the_position_on_grey_images(kw):
+    model = _make("context_prediction", patch_size=16, **kw)  # patches upsampled before the encoder
     views = _views(24)  # 1 channel: no chromatic-aberration step (it applies to colour input only)
     torch.manual_seed(3)
     out = _loss(model, views)
     torch.manual_seed(3)
     first, second, target = patch_pairs(views[0], 8, 2, 1, min_size=4)
     assert first.shape == (8, 1, 8, 8)
-    f = model.backbone(torch.cat([first, second]))
+    f = _tower(model, F.interpolate(torch.cat([first, second]), size=16, mode="bilinear", align_corners=False))
     logits = model.head(torch.cat([f[:8], f[8:]], dim=1))
     assert float(out["loss"]) == pytest.approx(plain_ce(logits, target), abs=1e-5)
-    model = _make("context_prediction", patch_size=16)  # patches upsampled before the encoder
-    torch.manual_seed(3)
-    out = _loss(model, views)
-    f = model.backbone(F.interpolate(torch.cat([first, second]), size=16, mode="bilinear", align_corners=False))
-    assert float(out["loss"]) == pytest.approx(plain_ce(model.head(torch.cat([f[:8], f[8:]], dim=1)), target), abs=1e-5)
+    if kw:  # as cropped (8 px) without the tower
+        model = _make("context_prediction", **kw)
+        torch.manual_seed(3)
+        out = _loss(model, views)
+        f = model.backbone(torch.cat([first, second]))
+        assert float(out["loss"]) == pytest.approx(plain_ce(model.head(torch.cat([f[:8], f[8:]], dim=1)), target),
+                                                   abs=1e-5)
 
 
 def test_too_small_pieces_get_a_clear_error():
@@ -123,6 +142,10 @@ def test_too_small_pieces_get_a_clear_error():
         _loss(model, _views(16))
     with pytest.raises(SSLError, match="cannot choose 30 of 24"):
         _make("jigsaw", num_perms=30)
+    with pytest.raises(SSLError, match="map_side=2 flattens the feature map for fc6, but fc6=0"):
+        _make("context_prediction", fc6=0)
+    with pytest.raises(SSLError, match="must be >= 0"):
+        _make("jigsaw", fc6=-1)
     with pytest.raises(SSLError, match="nesterov needs optimizer: sgd"):
         _make("rotation", nesterov=True)  # SMALL uses adamw
 
