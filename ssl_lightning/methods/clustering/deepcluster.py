@@ -58,6 +58,8 @@ class DeepCluster(EpochClustering, SSLMethod):
         if sobel:  # the backbone takes the 2 gradient channels
             self.backbone = SobelBackbone(build_backbone(hp.backbone, in_channels=2, **(hp.backbone_kwargs or {})),
                                           hp.in_channels)
+            if hp.compile:
+                self.backbone.compile()
         dims = [self.backbone.num_features, *(top_dims or [])]
         self.top = top_mlp(dims)
         self.classifier = nn.Linear(dims[-1], num_clusters)
@@ -83,8 +85,15 @@ class DeepCluster(EpochClustering, SSLMethod):
     def extra_param_groups(self) -> list[dict]:
         return param_groups(self.classifier.parameters(), self.hparams.weight_decay, momentum=0.0, name="classifier")
 
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        h = self.top(feats)
+        return self.classifier(F.relu(h) if len(self.top) else h)
+
+    def class_probabilities(self, feats: torch.Tensor) -> torch.Tensor:
+        """Softmax over the current epoch's clusters: ``ClusterMonitor`` scores them against the true classes
+        (the paper's NMI-to-labels curve)."""
+        return self.logits(feats).softmax(dim=1)
+
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         self.require_state()
-        h = self.top(feats[0])
-        logits = self.classifier(F.relu(h) if len(self.top) else h)
-        return F.cross_entropy(logits, self.assignments.labels[index.to(self.assignments.labels.device)])
+        return F.cross_entropy(self.logits(feats[0]), self.assignments.labels[index.to(self.assignments.labels.device)])
