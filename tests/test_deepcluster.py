@@ -63,7 +63,7 @@ def test_kmeans_pipeline_agrees_with_scikit_learn_on_blobs():
 def test_cluster_assignments_keep_previous_and_score_nmi():
     state = ClusterAssignments(6)
     state.update(torch.tensor([0, 0, 1, 1, 2, 2]), epoch=0)
-    assert int(state.epoch) == 0 and torch.isnan(state.nmi_prev)  # nothing to compare with yet
+    assert int(state.epoch) == 0 and float(state.nmi_prev) == -1  # nothing to compare with yet
     state.update(torch.tensor([5, 5, 3, 3, 4, 4]), epoch=1)  # the same partition, renamed
     assert torch.equal(state.previous, torch.tensor([0, 0, 1, 1, 2, 2])) and float(state.nmi_prev) == pytest.approx(1)
     assert set(dict(state.named_buffers())) == {"labels", "previous", "epoch", "nmi_prev"}  # in checkpoints
@@ -197,11 +197,11 @@ def _perturb_all(model) -> None:  # restored state must not depend on the fresh 
     torch.nn.init.normal_(next(model.parameters()))
 
 
-@pytest.mark.parametrize("stop_at", [None, 6])  # after epoch 0 (re-clusters on resume) / mid-epoch 1 (keeps them)
+@pytest.mark.parametrize("stop_at", [None, 4, 6])  # after epoch 0, at its last step (re-clusters) / mid-epoch 1
 def test_deepcluster_resume_is_exact(stop_at, tmp_path):
     runs = check_resume_is_exact(lambda: _model(optimizer="adamw", num_classes=10), _data, tmp_path,
                                  perturb=_perturb_all, stop_at=stop_at)
-    assert int(runs.first.assignments.epoch) == (0 if stop_at is None else 1)
-    assert torch.equal(runs.resumed.assignments.previous, runs.first.assignments.labels if stop_at is None
+    assert int(runs.first.assignments.epoch) == (1 if stop_at == 6 else 0)
+    assert torch.equal(runs.resumed.assignments.previous, runs.first.assignments.labels if stop_at != 6
                        else runs.first.assignments.previous)
     assert int(runs.resumed.assignments.epoch) == 1

@@ -76,7 +76,8 @@ def cluster(features: torch.Tensor, num_clusters: int, pca_dim: int, niter: int 
 
 class ClusterAssignments(nn.Module):
     """Per-image pseudo-labels of the current epoch, the previous epoch's, the epoch they were made for (-1:
-    none yet) and the NMI between the two (the paper's stability curve). Buffers: saved in checkpoints, so a
+    none yet) and the NMI between the two (the paper's stability curve; -1 before there are two: the state stays
+    finite, as checkpoints require). Buffers: saved in checkpoints, so a
     resumed run keeps the epoch's labels (mid-epoch) or scores the next clustering against them."""
 
     def __init__(self, num_samples: int) -> None:
@@ -84,7 +85,7 @@ class ClusterAssignments(nn.Module):
         self.register_buffer("labels", torch.full((num_samples,), -1, dtype=torch.long))
         self.register_buffer("previous", torch.full((num_samples,), -1, dtype=torch.long))
         self.register_buffer("epoch", torch.full((), -1, dtype=torch.long))
-        self.register_buffer("nmi_prev", torch.full((), float("nan")))
+        self.register_buffer("nmi_prev", torch.full((), -1.0))
 
     @property
     def num_samples(self) -> int:
@@ -99,6 +100,6 @@ class ClusterAssignments(nn.Module):
         self.previous.copy_(self.labels)
         self.labels.copy_(labels)
         self.epoch.fill_(epoch)
-        nmi = float("nan") if bool((self.previous < 0).any()) else \
+        nmi = -1.0 if bool((self.previous < 0).any()) else \
             normalized_mutual_info_score(self.previous.cpu().numpy(), self.labels.cpu().numpy())
         self.nmi_prev.fill_(nmi)

@@ -14,8 +14,8 @@ When: Lightning creates an epoch's loader iterator -- and loader workers start d
 before the optimizer state are restored) and after it for the others. So the labels are made on demand, when the
 sampler starts an epoch or in ``on_train_epoch_start``, whichever comes first; ``assignments.epoch`` says which
 epoch they are for, so a run resumed mid-epoch keeps the checkpoint's. The optimizer state of the parameters
-re-initialised with the clusters (:meth:`fresh_parameters`) is dropped in ``on_train_epoch_start``, after the
-checkpoint's optimizer state is restored. Nothing here draws from the global RNG (resume exactness).
+re-initialised with the clusters (:meth:`fresh_parameters`) is dropped in the next ``on_train_epoch_start`` or
+``on_train_batch_start``, after the checkpoint's optimizer state is restored. Nothing here draws from the global RNG (resume exactness).
 """
 from __future__ import annotations
 
@@ -134,12 +134,21 @@ class EpochClustering(PerSampleState):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()  # type: ignore[misc]
         self.labels_for_epoch(self.trainer.current_epoch)
-        if self._reset_optimizer_pending:  # after the checkpoint's optimizer state was restored
+        self._after_clustering()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        self._after_clustering()  # a fit resumed from a checkpoint of an epoch's last step skips on_train_epoch_start
+
+    def _after_clustering(self) -> None:
+        """Once after new clusters, in a training hook (the checkpoint's optimizer state is restored by then): drop
+        the optimizer state of :meth:`fresh_parameters` and log the clustering."""
+        if self._reset_optimizer_pending:
             for optimizer in self.trainer.optimizers:
                 for p in self.fresh_parameters():
                     optimizer.state.pop(p, None)
             self._reset_optimizer_pending = False
         for name, value in self._cluster_log.items():
-            if not math.isnan(value):
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True)  # equal on every process
+            if value >= 0:  # nmi_prev: -1 at the first clustering
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True)  # equal on every process
         self._cluster_log = {}
