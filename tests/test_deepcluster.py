@@ -4,6 +4,8 @@ Lightning run logging the NMI between consecutive clusterings, exact resume acro
 epoch), and the errors. The 2-process check of the gathered features and broadcast labels is in test_ddp.py."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import numpy as np
 import pytest
@@ -126,6 +128,10 @@ def test_registered_and_errors_name_the_fix():
         DeepCluster(**TINY, num_clusters=4, pca_dim=64, num_samples=32)  # ConvNet width 4: 32-d features
     with pytest.raises(SSLError, match="pca_dim"):
         DeepCluster(**TINY, top_dims=[16, 8], num_clusters=4, pca_dim=12, num_samples=32)  # the top's 8-d output
+    model = DeepCluster(**TINY, num_clusters=4, pca_dim=4, num_samples=32)
+    model._trainer = SimpleNamespace(datamodule=None)  # trainer.fit(model, train_dataloaders=...)
+    with pytest.raises(SSLError, match="SSLDataModule"):
+        model.labels_for_epoch(0)
     with pytest.raises(SSLError, match="not built"):
         DeepCluster(**TINY, num_clusters=4, pca_dim=4).loss([torch.randn(2, 32)], [], torch.tensor([0, 1]))
 

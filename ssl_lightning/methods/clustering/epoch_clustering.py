@@ -15,7 +15,8 @@ before the optimizer state are restored) and after it for the others. So the lab
 sampler starts an epoch or in ``on_train_epoch_start``, whichever comes first; ``assignments.epoch`` says which
 epoch they are for, so a run resumed mid-epoch keeps the checkpoint's. The optimizer state of the parameters
 re-initialised with the clusters (:meth:`fresh_parameters`) is dropped in the next ``on_train_epoch_start`` or
-``on_train_batch_start``, after the checkpoint's optimizer state is restored. Nothing here draws from the global RNG (resume exactness).
+``on_train_batch_start``, after the checkpoint's optimizer state is restored. Nothing here draws from the global
+RNG (resume exactness).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ssl_lightning import distributed
 from ssl_lightning.data.cluster_sampler import ClusterUniformSampler
 from ssl_lightning.methods.instance.per_sample import PerSampleState
 from ssl_lightning.modules.kmeans import ClusterAssignments, check_clustering, cluster
+from ssl_lightning.registry import SSLError
 
 
 @torch.no_grad()
@@ -114,10 +116,13 @@ class EpochClustering(PerSampleState):
     @torch.no_grad()
     def cluster_epoch(self, epoch: int) -> None:
         hp = self.hparams
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "pretrain_eval_set"):
+            raise SSLError(f"{type(self).__name__} clusters the whole training set every epoch and reads it from the "
+                           "datamodule: train with an SSLDataModule (trainer.fit(model, datamodule=...))")
         modes = {m: m.training for m in self.modules()}
         self.eval()
         try:
-            dm = self.trainer.datamodule
             feats = gather_dataset_features(self.cluster_features, dm.pretrain_eval_set(), dm.eval_batch_size,
                                             self.device, dm.num_workers)
         finally:
