@@ -580,3 +580,45 @@ def test_dim_prior_discriminator_trains_under_ddp(ddp):
         torch.testing.assert_close(g0[name], g1[name], msg=name)
         assert torch.isfinite(g0[name]).all()
     assert g0["discriminator.0.weight"].abs().sum() > 0 and g0["encoding.0.weight"].abs().sum() > 0
+# ---- DeepCluster: whole-dataset features gathered in rank order, clustered on rank 0, labels broadcast -------------
+DC_IMAGES = 11  # not a multiple of the processes: the last shard is shorter
+
+
+def deepcluster_setup():
+    from ssl_lightning.methods import DeepCluster
+
+    torch.manual_seed(0)
+    model = DeepCluster(backbone="convnet", backbone_kwargs={"width": 4}, in_channels=1, num_classes=0,
+                        num_clusters=3, pca_dim=4).eval()  # eval mode: BatchNorm uses its running statistics
+    g = torch.Generator().manual_seed(7)
+    centres = 3 * torch.randn(3, 1, IMAGE, IMAGE, generator=g)  # 3 well-separated kinds of image
+    images = centres[torch.arange(DC_IMAGES) % 3] + 0.1 * torch.randn(DC_IMAGES, 1, IMAGE, IMAGE, generator=g)
+    return model, [(img, 0) for img in images]
+
+
+def scenario_deepcluster(rank: int, world: int, out: Path) -> dict:
+    from ssl_lightning.methods.clustering.epoch_clustering import cluster_on_rank_zero, gather_dataset_features
+
+    model, dataset = deepcluster_setup()
+    feats = gather_dataset_features(model.cluster_features, dataset, batch_size=2, device=torch.device("cpu"))
+    labels, objective = cluster_on_rank_zero(feats, 3, 4, 20, seed=1)
+    return {"features": feats, "labels": labels, "objective": objective}
+
+
+SCENARIOS["deepcluster"] = scenario_deepcluster
+
+
+def test_deepcluster_ddp_features_and_labels_equal_one_process_on_the_whole_dataset(ddp):
+    from ssl_lightning.methods.clustering.epoch_clustering import cluster_on_rank_zero, gather_dataset_features
+
+    model, dataset = deepcluster_setup()
+    with torch.no_grad():
+        want = model.cluster_features(torch.stack([img for img, _ in dataset]))
+    assert torch.allclose(gather_dataset_features(model.cluster_features, dataset, 4, torch.device("cpu")), want, atol=1e-6)
+    labels, objective = cluster_on_rank_zero(want, 3, 4, 20, seed=1)
+    for res in ddp("deepcluster"):
+        assert res["features"].shape == want.shape
+        torch.testing.assert_close(res["features"], want, atol=1e-5, rtol=1e-5)  # every image once, in order
+        assert torch.equal(res["labels"], labels)  # rank 0's clustering, on every rank
+        assert res["objective"] == pytest.approx(objective, rel=1e-4)
+    assert torch.unique(labels).numel() == 3

@@ -300,10 +300,28 @@ class SSLDataModule(L.LightningDataModule):
             self.setup("fit")
         epoch, done = self._resume_at or (0, 0)
         self._resume_at = None  # once: a later fit without ckpt_path starts at epoch 0
-        sampler = SeededSampler(self.pretrain_set, seed=self.seed, epoch=epoch, skip=done * self.batch_size)
+        sampler = self._train_sampler(epoch, done * self.batch_size)
         collate = {"collate_fn": collate_raw} if self.augment == "device" else {}
         return self._loader(self.pretrain_set, self.batch_size, ResumableLoader, sampler=sampler, drop_last=True,
                             **collate)
+
+    def _train_sampler(self, epoch: int, skip: int) -> SeededSampler:
+        """:class:`SeededSampler`, or the sampler of a method that decides what each epoch trains on: a module with
+        ``train_sampler(dataset, seed=, epoch=, skip=)`` (DeepCluster: uniform over its clusters)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        make = getattr(module, "train_sampler", None)
+        if make is not None:
+            return make(self.pretrain_set, seed=self.seed, epoch=epoch, skip=skip)
+        return SeededSampler(self.pretrain_set, seed=self.seed, epoch=epoch, skip=skip)
+
+    def pretrain_eval_set(self) -> Dataset:
+        """The pretraining images (same indices as the training batches' ``indices``) with the un-augmented
+        evaluation transform (resize + centre crop where the dataset's images vary in size), e.g. for clustering
+        the whole training set."""
+        if self.pretrain_set is None:
+            self.setup("fit")
+        evaluate = eval_transform(self.image_size, self.mean, self.std, self.spec.resize_eval)
+        return TransformDataset(self.pretrain_set.base, evaluate)
 
     # ---- resuming mid-epoch --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import sys as _sys
 
 from ssl_lightning.methods import joint_embedding as _joint_embedding
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.methods.clustering import DeepCluster
 from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
@@ -31,3 +32,4 @@ __all__ += ["SemiSupervisedMethod", "Supervised"]
 __all__ += ["EntropyMinimisation", "MeanTeacher", "PiModel", "PseudoLabel", "TemporalEnsembling"]
 __all__ += ["CPC"]
 __all__ += ["DeepInfoMax"]
+__all__ += ["DeepCluster"]
