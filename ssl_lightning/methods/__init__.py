@@ -4,6 +4,7 @@ here."""
 import sys as _sys
 
 from ssl_lightning.methods import joint_embedding as _joint_embedding
+from ssl_lightning.methods.autoencoding import AutoEncoder, ContextEncoder, DenoisingAutoEncoder
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
@@ -21,3 +22,4 @@ for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "sim
 __all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPro", "Jigsaw", "METHODS", "MoCoV1", "MoCoV2",
            "MoCoV3", "MuConPro", "NPID", "NoiseAsTargets", "Rotation", "SSLMethod", "Siamese", "SimCLR", "SimSiam", "SwAV",
            "TWIST", "VICReg", "WMSE"]
+__all__ += ["AutoEncoder", "ContextEncoder", "DenoisingAutoEncoder"]
