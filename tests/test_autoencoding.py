@@ -117,8 +117,6 @@ def test_reconstruction_losses_are_their_formulas():
     corrupted = torch.rand(3, 2, 4, 4, generator=g) < 0.3
     w = denoising_weights(corrupted, alpha=2.0, beta=0.5)
     assert torch.equal(w, torch.where(corrupted, torch.tensor(2.0), torch.tensor(0.5)))
-    with pytest.raises(SSLError, match="targets in \\[0, 1\\]"):
-        reconstruction_loss(pred, target - 2, "bce")
     with pytest.raises(SSLError, match="unknown reconstruction loss 'l1'"):
         reconstruction_loss(pred, target, "l1")
 

@@ -16,15 +16,13 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "m
     paper's per-example sum divided by the dimension).
 
     ``kind="mse"``: ``l = (pred - target)^2`` (the squared error ``||x - g(f(x))||^2``; the context encoder's L2).
-    ``kind="bce"``: the cross-entropy for inputs in [0, 1], ``l = -[t log s(p) + (1 - t) log(1 - s(p))]`` with ``pred``
+    ``kind="bce"``: the cross-entropy for inputs in [0, 1] (targets must be un-normalised pixels in [0, 1]; not
+    checked, which would read the device back), ``l = -[t log s(p) + (1 - t) log(1 - s(p))]`` with ``pred``
     the decoder's logits and ``s`` the sigmoid (Vincent et al. 2008's reconstruction cross-entropy).
     ``weight``: broadcastable to ``pred`` (None = 1 everywhere)."""
     if kind == "mse":
         err = (pred - target).square()
     elif kind == "bce":
-        if target.min() < 0 or target.max() > 1:
-            raise SSLError("reconstruction_loss(kind='bce') needs targets in [0, 1] (un-normalised pixels): use "
-                           "kind='mse' for normalised images")
         err = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
     else:
         raise SSLError(f"unknown reconstruction loss {kind!r}: choose one of {', '.join(KINDS)}")
