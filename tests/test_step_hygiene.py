@@ -15,6 +15,7 @@ from ssl_lightning.cli import SSLCLI
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "byol", "moco_v2", "mocov3", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "wmse",
            "twist", "muconpro", "npid"]
+METHODS += ["autoencoder", "context_encoder"]  # DAE: CPU-seeded noise reads
 READS = ["item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"]
 SYNTHETIC = '{"size": 64, "num_classes": 4, "channels": 1, "image_size": 28}'
 

@@ -2,6 +2,9 @@
 (``instance/``, ``joint_embedding/``, ``metric/``); every one is importable from here."""
 import sys as _sys
 
+from ssl_lightning.losses.autoencoding import (context_encoder_loss, denoising_weights, discriminator_loss,
+                                               generator_adversarial_loss, overlap_weights, reconstruction_loss,
+                                               region_weights)
 from ssl_lightning.losses.instance.nat import nat_assign, nat_loss
 from ssl_lightning.losses.instance.npid import npid_nce_loss, npid_nce_probs, npid_softmax_loss
 from ssl_lightning.losses.joint_embedding.barlow_twins import barlow_twins_loss
@@ -31,6 +34,13 @@ for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", 
         _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{__name__}.{_family}.{_name}"])
 
 __all__ = [
+    "context_encoder_loss",
+    "denoising_weights",
+    "discriminator_loss",
+    "generator_adversarial_loss",
+    "overlap_weights",
+    "reconstruction_loss",
+    "region_weights",
     "DINOLoss",
     "barlow_twins_loss",
     "byol_loss",

@@ -4,6 +4,7 @@ here."""
 import sys as _sys
 
 from ssl_lightning.methods import joint_embedding as _joint_embedding
+from ssl_lightning.methods.autoencoding import AutoEncoder, ContextEncoder, DenoisingAutoEncoder
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.clustering import DeepCluster
 from ssl_lightning.methods.instance import NPID, NoiseAsTargets
@@ -33,3 +34,4 @@ __all__ += ["EntropyMinimisation", "MeanTeacher", "PiModel", "PseudoLabel", "Tem
 __all__ += ["CPC"]
 __all__ += ["DeepInfoMax"]
 __all__ += ["DeepCluster"]
+__all__ += ["AutoEncoder", "ContextEncoder", "DenoisingAutoEncoder"]

@@ -111,6 +111,11 @@ class SSLMethod(L.LightningModule):
         their parameters are left out of the default groups."""
         return []
 
+    def separately_optimized(self) -> list[nn.Module]:
+        """Modules trained by an optimizer of their own (the context encoder's discriminator): left out of the
+        optimizer that :meth:`configure_optimizers` builds."""
+        return []
+
     def class_probabilities(self, feats: torch.Tensor) -> torch.Tensor | None:
         """``(B, C)`` class probabilities from backbone features, for methods with a class head
         (TWIST); scored by :class:`~ssl_lightning.callbacks.ClusterMonitor` and ``ssl-lightning cluster``."""
@@ -193,6 +198,7 @@ class SSLMethod(L.LightningModule):
         scaled_lr = self.learning_rate()
         extra = self.extra_param_groups()
         taken = {id(p) for g in extra for p in g["params"]} | {id(p) for p in (self.probe.parameters() if self.probe else [])}
+        taken |= {id(p) for module in self.separately_optimized() for p in module.parameters()}
         groups = param_groups((p for p in self.parameters() if id(p) not in taken), hp.weight_decay) + extra
         if self.probe is not None:
             groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": hp.probe_lr, "name": "probe"})
