@@ -18,6 +18,8 @@ from ssl_lightning.losses.metric.contrastive_margin import contrastive_margin_lo
 from ssl_lightning.losses.metric.infonce import info_nce, moco_infonce, mocov3_infonce
 from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
 from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
+from ssl_lightning.losses.semi_supervised import (adversarial_direction, fixmatch_loss, guess_labels, mixmatch_loss,
+                                                  normalise_per_sample, vat_loss)
 
 # the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
 for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
@@ -28,15 +30,19 @@ for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", 
 
 __all__ = [
     "DINOLoss",
+    "adversarial_direction",
     "barlow_twins_loss",
     "byol_loss",
     "cholesky_whiten",
     "contrastive_margin_loss",
     "covariance_loss",
     "dino_cross_entropy",
+    "fixmatch_loss",
+    "guess_labels",
     "info_nce",
     "invariance_loss",
     "kde_terms",
+    "mixmatch_loss",
     "moco_infonce",
     "mocov3_infonce",
     "muconpro_loss",
@@ -45,6 +51,7 @@ __all__ = [
     "nat_loss",
     "nce_logit",
     "nce_loss",
+    "normalise_per_sample",
     "npid_nce_loss",
     "npid_nce_probs",
     "npid_softmax_loss",
@@ -60,6 +67,7 @@ __all__ = [
     "teacher_twist_loss",
     "twist_loss",
     "variance_loss",
+    "vat_loss",
     "vicreg_loss",
     "wmse_loss",
 ]
