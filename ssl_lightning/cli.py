@@ -54,7 +54,9 @@ class SSLCLI(LightningCLI):
                                                              ClusterMonitor(), PreemptionCheckpoint(
                                                                  resume_command=RESUME_COMMAND)]})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
-        super().__init__(SSLMethod, SSLDataModule, *args, subclass_mode_model=True, **kwargs)
+        argv = kwargs.get("args")
+        data = _datamodule_class(sys.argv[1:] if argv is None else argv) if not isinstance(argv, dict) else SSLDataModule
+        super().__init__(SSLMethod, data, *args, subclass_mode_model=True, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict):
@@ -147,7 +149,7 @@ class SSLCLI(LightningCLI):
         lines = [f"run directory : {trainer.default_root_dir}"]
         lines += [f"config        : {config}"] if os.path.isfile(config) else []  # not written by fast_dev_run
         lines += [f"checkpoint    : {saved}"] if saved and os.path.isfile(saved) else []  # none written
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
         if metrics:
             lines.append("final metrics : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         Console(soft_wrap=True).print("\n".join(lines), highlight=False)
@@ -227,6 +229,41 @@ def _method_path(name: str) -> str:
         raise SSLError(f"Unknown method {name!r}. Registered methods: {', '.join(METHODS.names())}; "
                        "or give the import path of your own SSLMethod subclass (my_module.MyMethod).")
     return f"{cls.__module__}.{cls.__name__}"
+
+
+def _datamodule_class(args) -> type:
+    """The data module a run's method trains on: :class:`~ssl_lightning.data.SemiSupervisedDataModule` (its options
+    under ``data:``) for the semi-supervised methods, :class:`~ssl_lightning.data.SSLDataModule` otherwise."""
+    from ssl_lightning.data import SemiSupervisedDataModule
+    from ssl_lightning.methods.semi_supervised import SemiSupervisedMethod
+
+    name = _method_named(list(args))
+    if name is None:
+        return SSLDataModule
+    try:
+        from ssl_lightning.evaluation.checkpoint import resolve_method
+
+        cls = resolve_method(name)
+    except SSLError:  # reported by _resolve_methods when the arguments are parsed
+        return SSLDataModule
+    return SemiSupervisedDataModule if issubclass(cls, SemiSupervisedMethod) else SSLDataModule
+
+
+def _method_named(args: list[str]) -> str | None:
+    """The method the arguments name last (``--model`` / ``--model.class_path``, or a ``--config`` file's model)."""
+    import yaml
+
+    name = None
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+        if key in ("--model", "--model.class_path") and value and not value.startswith(("-", "{")):
+            name = value
+        elif key in ("--config", "-c") and value and os.path.isfile(value):
+            model = (yaml.safe_load(open(value)) or {}).get("model")
+            found = model if isinstance(model, str) else (model or {}).get("class_path")
+            name = found if isinstance(found, str) else name
+    return name
 
 
 def _resolve_methods(args: list[str]) -> list[str]:

@@ -28,11 +28,15 @@ def param_groups(params: Iterable[nn.Parameter], weight_decay: float, **extra: A
 
 
 def build_optimizer(name: str, groups: Iterable[dict[str, Any]], lr: float, momentum: float = 0.9,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), nesterov: bool = False) -> torch.optim.Optimizer:
+    """``nesterov``: Nesterov momentum for SGD (needs ``momentum > 0``); refused for the other optimizers."""
     groups = list(groups)
     name = name.lower()
+    if nesterov and (name != "sgd" or momentum <= 0):
+        raise SSLError(f"nesterov: true needs optimizer: sgd with momentum > 0, got optimizer: {name}, momentum: "
+                       f"{momentum}: set nesterov: false, or use SGD with momentum")
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     if name == "adamw":

@@ -11,6 +11,7 @@ from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, Barl
 from ssl_lightning.methods.metric import Siamese
 from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
 from ssl_lightning.methods.registry import METHODS
+from ssl_lightning.methods.semi_supervised import SemiSupervisedMethod, Supervised
 
 # the module paths from before the families (``ssl_lightning.methods.moco.MoCoV2``): checkpoints (``_class_path``)
 # and run configs written then name them, so they still load
@@ -21,3 +22,4 @@ for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "sim
 __all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPro", "Jigsaw", "METHODS", "MoCoV1", "MoCoV2",
            "MoCoV3", "MuConPro", "NPID", "NoiseAsTargets", "Rotation", "SSLMethod", "Siamese", "SimCLR", "SimSiam", "SwAV",
            "TWIST", "VICReg", "WMSE"]
+__all__ += ["SemiSupervisedMethod", "Supervised"]

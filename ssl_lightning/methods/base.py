@@ -61,6 +61,8 @@ class SSLMethod(L.LightningModule):
 
     #: run views of equal shape through the backbone in one batch (False: one pass per view)
     concat_views: bool = True
+    #: train the online linear probe on the features (False: methods with their own classifier, semi-supervised)
+    online_probe: bool = True
 
     def __init__(
         self,
@@ -85,7 +87,7 @@ class SSLMethod(L.LightningModule):
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, in_channels=in_channels, **(backbone_kwargs or {}))
         self.probe: OnlineLinearProbe | None = None
-        if num_classes:
+        if num_classes and self.online_probe:
             self.probe = OnlineLinearProbe(self.backbone.num_features, num_classes)
         self._ema_step = -1
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_consecutive_skips)
@@ -145,10 +147,7 @@ class SSLMethod(L.LightningModule):
         terms = dict(out) if isinstance(out, dict) else {"loss": out}
         loss = terms["loss"]
         bs = views[0].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for name, value in terms.items():
-            if name != "loss":
-                self.log(f"train/{name}", value, batch_size=bs)
+        self.log_terms(terms, bs)
         if self.probe is not None:
             terms["probe_loss"] = probe_loss = self.probe.training_loss(feats[0], labels)
             self.log("train/probe_loss", probe_loss, batch_size=bs)
@@ -156,6 +155,13 @@ class SSLMethod(L.LightningModule):
             loss = loss + probe_loss
         self.nonfinite.observe(self, terms)  # NaN / inf: device-side flags (skip mode: decided now)
         return loss
+
+    def log_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        """``train/loss`` (progress bar) and ``train/<name>`` for every other term of the step."""
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, batch_size=batch_size)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, labels = batch
@@ -170,7 +176,7 @@ class SSLMethod(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.hparams.num_classes is None and self.probe is None:
+        if self.online_probe and self.hparams.num_classes is None and self.probe is None:
             n = int(getattr(self.trainer.datamodule, "num_classes", 0) or 0)
             self.hparams.num_classes = n  # saved with checkpoints, so loading rebuilds the probe
             if n:
@@ -184,9 +190,7 @@ class SSLMethod(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = int(self.trainer.estimated_stepping_batches)  # also sets up the train loader
-        global_batch = self.global_batch_size()
-        scaled_lr = hp.lr * global_batch / 256
-        rank_zero_info(f"[ssl_lightning] learning rate {hp.lr} per 256 images x global batch {global_batch} / 256 = {scaled_lr:.6g}")
+        scaled_lr = self.learning_rate()
         extra = self.extra_param_groups()
         taken = {id(p) for g in extra for p in g["params"]} | {id(p) for p in (self.probe.parameters() if self.probe else [])}
         groups = param_groups((p for p in self.parameters() if id(p) not in taken), hp.weight_decay) + extra
@@ -195,14 +199,26 @@ class SSLMethod(L.LightningModule):
         for g in groups:
             g.setdefault("lr", scaled_lr)
             g.setdefault("weight_decay", hp.weight_decay)
-        optimizer = build_optimizer(hp.optimizer, groups, scaled_lr, hp.momentum, tuple(hp.betas))
+        optimizer = build_optimizer(hp.optimizer, groups, scaled_lr, hp.momentum, tuple(hp.betas),
+                                    nesterov=bool(hp.get("nesterov", False)))
 
         per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
         warmup = int(round(hp.warmup_epochs * per_epoch))
-        schedule = lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)  # noqa: E731
+        schedule = lambda step: self.lr_factor(step, warmup, total, per_epoch)  # noqa: E731
         lambdas = [(lambda step: 1.0) if g.get("fixed_lr") else schedule for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def learning_rate(self) -> float:
+        """The optimizer's base learning rate: ``lr`` is given per 256 images, scaled by the global batch."""
+        global_batch = self.global_batch_size()
+        scaled_lr = self.hparams.lr * global_batch / 256
+        rank_zero_info(f"[ssl_lightning] learning rate {self.hparams.lr} per 256 images x global batch {global_batch} / 256 = {scaled_lr:.6g}")
+        return scaled_lr
+
+    def lr_factor(self, step: int, warmup_steps: int, total_steps: int, steps_per_epoch: int) -> float:
+        """The learning-rate factor of optimizer step ``step``: linear warm-up, then cosine to ``min_lr_ratio``."""
+        return warmup_cosine(step, warmup_steps, total_steps, self.hparams.min_lr_ratio)
 
     # ---- momentum teachers --------------------------------------------------------------------------
     def on_train_start(self) -> None:

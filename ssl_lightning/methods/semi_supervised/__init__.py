@@ -1,0 +1,7 @@
+"""Semi-supervised methods: a backbone and a linear classifier trained on a few labelled images and many
+unlabelled ones (:class:`~ssl_lightning.data.SemiSupervisedDataModule`), the shared pieces in
+:mod:`ssl_lightning.semi`. Every method can start from a self-supervised run (``init_backbone``)."""
+from ssl_lightning.methods.semi_supervised.base import SemiBatch, SemiSupervisedMethod
+from ssl_lightning.methods.semi_supervised.supervised import Supervised
+
+__all__ = ["SemiBatch", "SemiSupervisedMethod", "Supervised"]
