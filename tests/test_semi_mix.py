@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssl_lightning.losses.semi_supervised import (adversarial_direction, fixmatch_loss, guess_labels, mixmatch_loss,
@@ -174,3 +175,181 @@ def test_fixmatch_loss_is_masked_ce_over_all_unlabelled(usb):  # noqa: F811
     weak.requires_grad_(True)
     fixmatch_loss(weak, strong.requires_grad_(True))[0].backward()
     assert weak.grad is None  # the pseudo-labels are a stop-gradient
+
+
+def test_ema_warmup_decay():
+    from ssl_lightning.semi import ema_warmup_decay
+
+    assert ema_warmup_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_warmup_decay(90, 0.999) == pytest.approx(91 / 100)
+    assert ema_warmup_decay(9000, 0.999) == 0.999  # (1 + t) / (10 + t) >= 0.999 from t = 8991 on
+    assert ema_warmup_decay(8000, 0.999) < 0.999
+
+
+# ---- the methods ----------------------------------------------------------------------------------------------
+import lightning as L  # noqa: E402
+
+from ssl_lightning.data import SemiSupervisedDataModule  # noqa: E402
+from ssl_lightning.methods import METHODS, VAT, FixMatch, MixMatch  # noqa: E402
+from ssl_lightning.methods.semi_supervised import SemiBatch  # noqa: E402
+from ssl_lightning.registry import SSLError  # noqa: E402
+from ssl_lightning.semi import interleave  # noqa: E402
+
+TINY = dict(backbone="convnet", backbone_kwargs={"width": 4}, in_channels=3)
+VIEWS = {FixMatch: dict(unlabelled_views=["weak", "strong"]), MixMatch: dict(unlabelled_views=["weak"], k_unlabelled=2),
+         VAT: dict(unlabelled_views=["weak"])}
+
+
+def make_dm(**kwargs) -> SemiSupervisedDataModule:
+    defaults = dict(dataset="synthetic", dataset_options={"size": 60, "image_size": 8}, labels_per_class=1,
+                    num_val=10, batch_size=4, mu=2, num_workers=0, pin_memory=False, eval_batch_size=32)
+    return SemiSupervisedDataModule(**{**defaults, **kwargs})
+
+
+def fit(tmp_path, model, dm, steps: int = 2) -> L.Trainer:
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=steps, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+def bn_stats(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if ("running" in k or "num_batches" in k) and not k.startswith("ema_")}
+
+
+@pytest.mark.parametrize("cls", [FixMatch, MixMatch, VAT])
+def test_training_steps_through_lightning(tmp_path, cls):
+    model = cls(**TINY)
+    assert METHODS.get(cls.__name__.lower()) is cls
+    dm = make_dm(**VIEWS[cls])
+    trainer = fit(tmp_path, model, dm)
+    metrics = dict(trainer.callback_metrics)
+    assert trainer.global_step == 2
+    assert torch.isfinite(metrics["train/loss"]) and "train/unlabelled_loss" in metrics
+    assert not torch.equal(model.classifier.weight, model.ema_classifier.weight if model.ema_classifier is not None
+                           else torch.zeros_like(model.classifier.weight))
+    assert "test/acc" in trainer.validate(model, datamodule=dm, verbose=False)[-1]
+    extra = {FixMatch: "train/mask_rate", MixMatch: "train/unlabelled_weight", VAT: "train/vat_loss"}[cls]
+    assert extra in metrics
+
+
+def test_mixmatch_interleaved_forward_keeps_one_batch_of_every_source():
+    torch.manual_seed(0)
+    model = MixMatch(num_classes=5, **TINY)
+    k, b = 2, 6
+    batches = [torch.randn(b, 3, 8, 8) + 10 * i for i in range(1 + k)]  # source i: pixels around 10 i
+    kept = []
+    bn = next(m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.register_forward_hook(lambda mod, args, out: kept.append((args[0].shape[0], mod.momentum)))
+    model.eval()  # per-sample outputs: the interleaved forward must return each sample's own logits, in order
+    torch.testing.assert_close(model.mixed_logits(batches), model.logits(torch.cat(batches)))
+    model.train()
+    seen = []
+    model.backbone.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    state = bn_stats(model)
+    kept.clear()
+    model.mixed_logits(batches)
+    first = seen[0].mean(dim=(1, 2, 3)).round(decimals=-1) / 10  # the source of each row of the kept batch
+    assert set(first.tolist()) == {0.0, 1.0, 2.0}  # the one kept forward holds every source
+    assert [m for _, m in kept] == [0.1, 0.0, 0.0]  # only the first forward folds its statistics in
+    with torch.no_grad():  # and the running statistics are those of that batch alone
+        reference = MixMatch(num_classes=5, **TINY)
+        reference.load_state_dict({**model.state_dict(), **state})
+        reference.train().logits(interleave(batches)[0])
+    for key, value in bn_stats(reference).items():
+        torch.testing.assert_close(bn_stats(model)[key], value)
+
+
+def semi_batch(b: int = 4, mu: int = 2, views: int = 2, seed: int = 0) -> SemiBatch:
+    g = torch.Generator().manual_seed(seed)
+    return SemiBatch(torch.randn(b, 3, 8, 8, generator=g), torch.randint(5, (b,), generator=g), torch.arange(b),
+                     [torch.randn(mu * b, 3, 8, 8, generator=g) for _ in range(views)], torch.arange(mu * b))
+
+
+def outside_fit(model, weight: float = 1.0):
+    """``objective`` outside a fit: a fixed unlabelled weight (it reads the trainer's step otherwise); logging
+    without a trainer is a no-op."""
+    model.unlabelled_weight = lambda: weight
+    return model
+
+
+def test_mixmatch_label_guess_passes_leave_bn_statistics_and_loss_formula():
+    torch.manual_seed(0)
+    model = outside_fit(MixMatch(num_classes=5, alpha=0.75, **TINY).train(), 75.0 * 0.1 / 0.4)
+    batch = semi_batch(views=2, mu=1)
+    torch.manual_seed(1)
+    terms = model.objective(batch)
+    assert terms["loss"].item() == pytest.approx(
+        terms["supervised_loss"].item() + 75.0 * 0.1 / 0.4 * terms["unlabelled_loss"].item(), rel=1e-6)
+    # the same step by hand: guess, per-example MixUp (same RNG draws), losses of the mixed batches
+    torch.manual_seed(0)
+    ref = MixMatch(num_classes=5, **TINY).train()
+    with torch.no_grad(), frozen_bn_stats(ref):
+        probs = torch.stack([torch.softmax(ref.logits(v), 1) for v in batch.views]).mean(0)
+    guess = probs.pow(2) / probs.pow(2).sum(1, keepdim=True)
+    targets = torch.cat([F.one_hot(batch.y, 5).float(), guess, guess])
+    torch.manual_seed(1)
+    from ssl_lightning.semi import mixup
+
+    mixed = mixup(torch.cat([batch.x, *batch.views]), targets, 0.75)
+    assert (mixed.lam >= 0.5).all() and mixed.lam.unique().numel() > 1  # per example, lambda' = max(l, 1 - l)
+    logits = ref.mixed_logits(list(mixed.inputs.split(4)))
+    lx = -(mixed.targets[:4] * torch.log_softmax(logits[:4], 1)).sum(1).mean()
+    lu = (mixed.targets[4:] - torch.softmax(logits[4:], 1)).pow(2).mean()
+    assert terms["supervised_loss"].item() == pytest.approx(lx.item(), rel=1e-5)
+    assert terms["unlabelled_loss"].item() == pytest.approx(lu.item(), rel=1e-5)
+    torch.testing.assert_close(bn_stats(model), bn_stats(ref))
+
+
+def test_vat_only_the_labelled_pass_moves_bn_statistics():
+    torch.manual_seed(0)
+    model = outside_fit(VAT(num_classes=5, eps=2.0, xi=1e-2, **TINY).train())
+    batch = semi_batch(views=1)
+    terms = model.objective(batch)
+    torch.manual_seed(0)
+    ref = VAT(num_classes=5, **TINY).train()
+    ref.logits(batch.x)  # the labelled pass alone
+    torch.testing.assert_close(bn_stats(model), bn_stats(ref))
+    assert terms["vat_loss"].item() > 0
+    assert terms["unlabelled_loss"].item() == pytest.approx(terms["vat_loss"].item() + terms["entropy"].item(), rel=1e-6)
+    terms["loss"].backward()
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_fixmatch_objective_is_one_forward_and_its_formula():
+    torch.manual_seed(0)
+    model = outside_fit(FixMatch(num_classes=5, threshold=0.3, **TINY).train(), 2.0)
+    sizes = []
+    model.backbone.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    batch = semi_batch(views=2)
+    terms = model.objective(batch)
+    assert sizes == [4 + 2 * 8]  # labelled + weak + strong in one pass
+    weak, strong = batch.view_logits
+    want, mask, _ = fixmatch_loss(weak, strong, 0.3)
+    assert 0 < mask.sum() < 8
+    assert terms["mask_rate"].item() == pytest.approx(mask.mean().item())
+    ce = F.cross_entropy(batch.logits, batch.y)
+    assert terms["loss"].item() == pytest.approx((ce + 2.0 * want).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("cls, kwargs, views, match", [
+    (FixMatch, {"threshold": 1.5}, None, r"threshold=1.5"),
+    (MixMatch, {"temperature": 0.0}, None, r"temperature=0.0"),
+    (VAT, {"eps": 0.0}, None, r"eps=0.0"),
+    (FixMatch, {}, 1, r"data.unlabelled_views: \[weak, strong\]"),
+    (VAT, {}, 2, r"data.unlabelled_views: \[weak\] and data.k_unlabelled: 1"),
+    (MixMatch, {}, 0, r"data.k_unlabelled: 2"),
+])
+def test_clear_errors(cls, kwargs, views, match):
+    with pytest.raises(SSLError, match=match):
+        outside_fit(cls(num_classes=5, **TINY, **kwargs)).objective(semi_batch(views=views))
+
+
+def test_mixmatch_refuses_unlabelled_views_not_a_multiple_of_the_batch():
+    model = outside_fit(MixMatch(num_classes=5, **TINY))
+    batch = semi_batch(views=2)
+    batch.views = [v[:5] for v in batch.views]
+    with pytest.raises(SSLError, match="integer data.mu"):
+        model.objective(batch)

@@ -3,5 +3,9 @@ unlabelled ones (:class:`~ssl_lightning.data.SemiSupervisedDataModule`), the sha
 :mod:`ssl_lightning.semi`. Every method can start from a self-supervised run (``init_backbone``)."""
 from ssl_lightning.methods.semi_supervised.base import SemiBatch, SemiSupervisedMethod
 from ssl_lightning.methods.semi_supervised.supervised import Supervised
+from ssl_lightning.methods.semi_supervised.fixmatch import FixMatch
+from ssl_lightning.methods.semi_supervised.mixmatch import MixMatch
+from ssl_lightning.methods.semi_supervised.vat import VAT
 
 __all__ = ["SemiBatch", "SemiSupervisedMethod", "Supervised"]
+__all__ += ["FixMatch", "MixMatch", "VAT"]

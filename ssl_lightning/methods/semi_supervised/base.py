@@ -32,7 +32,7 @@ from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.modules.ema import momentum_copy
 from ssl_lightning.registry import SSLError
 from ssl_lightning.optim import warmup_cosine
-from ssl_lightning.semi.ramps import fixmatch_lr_factor, linear_rampup, sigmoid_rampup, tempens_rampdown
+from ssl_lightning.semi.ramps import ema_warmup_decay, fixmatch_lr_factor, linear_rampup, sigmoid_rampup, tempens_rampdown
 
 Ramp = Literal["none", "linear", "sigmoid"]
 RampUnit = Literal["fraction", "epochs", "steps"]
@@ -191,8 +191,11 @@ class SemiSupervisedMethod(SSLMethod):
         return [(self.backbone, self.ema_backbone), (self.classifier, self.ema_classifier)]
 
     def teacher_momentum(self) -> float:
-        """The EMA model's decay: fixed ``ema_decay`` (override for a schedule, e.g. Mean Teacher's)."""
-        return float(self.hparams.ema_decay)
+        """The EMA model's decay: ``ema_decay`` warmed up as TensorFlow's EMA with ``num_updates``,
+        ``min(ema_decay, (1 + t) / (10 + t))`` (:func:`~ssl_lightning.semi.ramps.ema_warmup_decay`), so that a short
+        run does not evaluate a model still ~(ema_decay)^t made of its random initialisation; from t ~ 9,000 on it
+        is the fixed ``ema_decay`` (override for another schedule, e.g. Mean Teacher's)."""
+        return ema_warmup_decay(self.trainer.global_step - 1, float(self.hparams.ema_decay))
 
     # ---- steps ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
