@@ -49,10 +49,15 @@ class BatchLog(L.Callback):
         self.rows: list[tuple] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        views, index = batch[0], batch[2]
+        if isinstance(batch, dict):  # SemiSupervisedDataModule: labelled (x, y, idx), unlabelled (views, idx)
+            views, index = [batch["labelled"][0]], batch["labelled"][2]
+            if "unlabelled" in batch:
+                views, index = views + list(batch["unlabelled"][0]), torch.cat([index, batch["unlabelled"][1]])
+        else:
+            views, index = batch[0][:1], batch[2]
         self.rows.append((trainer.current_epoch, batch_idx, trainer.global_step,
                           trainer.optimizers[0].param_groups[0]["lr"], tuple(index.tolist()),
-                          float(views[0].double().sum())))
+                          float(sum(v.double().sum() for v in views))))
 
 
 def trainer(max_epochs: int = 2, callbacks: Sequence[L.Callback] = (), **trainer_kwargs) -> L.Trainer:

@@ -166,3 +166,229 @@ def test_cli_builds_the_semi_supervised_data_module_for_these_methods(tmp_path):
 
 def test_registered():
     assert METHODS.get("supervised") is Supervised and issubclass(Supervised, SemiSupervisedMethod)
+
+
+# ---- the unlabelled losses against their formulas ---------------------------------------------------------------
+from ssl_lightning.methods.semi_supervised import (EntropyMinimisation, MeanTeacher, PiModel, PseudoLabel,  # noqa: E402
+                                                   TemporalEnsembling)
+from test_semi_pieces import usb  # noqa: E402,F401  (semilearn's criterions, loaded by path)
+from resume_utils import check_resume_is_exact  # noqa: E402
+
+C = 5
+
+
+def softmax_row(row: list[float]) -> list[float]:
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def rand(*shape, seed=0, scale=3.0):
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def semi_batch(view_logits: list[torch.Tensor], b: int = 4) -> SemiBatch:
+    n = view_logits[0].shape[0]
+    return SemiBatch(torch.zeros(b, 3, 8, 8), torch.zeros(b, dtype=torch.long), torch.arange(b),
+                     views=[torch.zeros(n, 3, 8, 8)] * len(view_logits), index=torch.arange(n),
+                     logits=rand(b, C, seed=99), view_logits=view_logits)
+
+
+def test_entropy_minimisation_loss():
+    logits = rand(12, C)
+    want = -sum(sum(p * math.log(p) for p in softmax_row(row)) for row in logits.tolist()) / 12
+    loss, _ = EntropyMinimisation(num_classes=C, **TINY).unlabelled_loss(semi_batch([logits]))
+    assert float(loss) == pytest.approx(want, rel=1e-10)
+
+
+def test_pseudo_label_loss_counts_masked_samples_in_the_mean(usb):
+    logits = rand(40, C, scale=6.0)
+    model = PseudoLabel(num_classes=C, **TINY)
+    loss, logs = model.unlabelled_loss(semi_batch([logits]))
+    total, kept = 0.0, 0
+    for row in logits.tolist():
+        p = softmax_row(row)
+        if max(p) > 0.95:
+            total += -math.log(max(p))  # CE against its own argmax
+            kept += 1
+    assert 0 < kept < 40 and float(loss) == pytest.approx(total / 40, rel=1e-10)
+    assert float(logs["mask_rate"]) == pytest.approx(kept / 40)
+    probs = torch.softmax(logits, 1)
+    criterions, _ = usb  # USB's pseudo-label: consistency_loss(logits, argmax, "ce", mask = max p >= cutoff)
+    torch.testing.assert_close(loss, criterions.consistency_loss(logits, probs.argmax(1), "ce",
+                                                                 probs.max(1).values.ge(0.95).double()))
+    assert (model.hparams.rampup, model.hparams.rampup_length, model.hparams.rampup_unit) == ("linear", 0.4, "fraction")
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_pi_model_loss_and_its_stop_gradient(detach, usb):
+    z, z_tilde = rand(12, C, seed=1).requires_grad_(), rand(12, C, seed=2).requires_grad_()
+    loss, _ = PiModel(num_classes=C, detach_target=detach, **TINY).unlabelled_loss(semi_batch([z, z_tilde]))
+    p, q = [softmax_row(r) for r in z.tolist()], [softmax_row(r) for r in z_tilde.tolist()]
+    want = sum((p[b][c] - q[b][c]) ** 2 for b in range(12) for c in range(C)) / (12 * C)
+    assert float(loss) == pytest.approx(want, rel=1e-10)
+    criterions, _ = usb  # USB's Pi-model: mse of softmax(z) against softmax(z~).detach()
+    torch.testing.assert_close(loss, criterions.consistency_loss(z, torch.softmax(z_tilde, 1).detach(), "mse"))
+    loss.backward()
+    assert z.grad.abs().sum() > 0 and (z_tilde.grad is None or z_tilde.grad.abs().sum() == 0) == detach
+
+
+def test_pi_model_weight_is_tempens_ramp():
+    model = PiModel(num_classes=C, w_max=100.0, rampup_epochs=80, **TINY)
+
+    class DM:
+        num_labelled, num_unlabelled, unlabelled = 4000, 45000, "rest"
+
+    class T:
+        datamodule, current_epoch = DM(), 0
+
+    model._trainer = T()
+    assert model.unlabelled_weight() == 0.0  # the first epoch
+    T.current_epoch = 20
+    assert model.unlabelled_weight() == pytest.approx(100 * 4000 / 49000 * math.exp(-5 * (1 - 20 / 80) ** 2))
+
+
+def test_temporal_ensembling_targets_and_loss():
+    model = TemporalEnsembling(num_classes=C, num_samples=6, **TINY)
+    assert model.hparams.w_max == 30.0
+    z = [rand(6, C, seed=s) for s in range(3)]
+    ensemble = [[0.0] * C for _ in range(6)]
+    for epoch, logits in enumerate(z):
+        index = torch.tensor([4, 0, 5, 1, 3, 2])
+        loss, _ = model.unlabelled_loss(SemiBatch(torch.zeros(1), torch.zeros(1), torch.zeros(1), views=[torch.zeros(1)],
+                                                  index=index, view_logits=[logits.float()]))
+        correction = 1 - 0.6 ** epoch
+        want = 0.0
+        for b, i in enumerate(index.tolist()):
+            p = softmax_row(logits[b].tolist())
+            target = [ensemble[i][c] / correction if epoch else 0.0 for c in range(C)]
+            want += sum((p[c] - target[c]) ** 2 for c in range(C))
+        assert float(loss) == pytest.approx(want / (6 * C), rel=1e-5)
+        for b, i in enumerate(index.tolist()):  # the epoch's end: Z <- 0.6 Z + 0.4 z
+            p = softmax_row(logits[b].tolist())
+            ensemble[i] = [0.6 * ensemble[i][c] + 0.4 * p[c] for c in range(C)]
+        model.on_train_epoch_end()
+
+
+def test_mean_teacher_loss_momentum_and_teacher_in_train_mode(usb):
+    model = MeanTeacher(num_classes=C, alpha=0.99, **TINY).double()
+    assert MeanTeacher.teacher_momentum is not SemiSupervisedMethod.teacher_momentum
+    x, v0, v1 = rand(4, 3, 8, 8, seed=1), rand(8, 3, 8, 8, seed=2), rand(8, 3, 8, 8, seed=3)
+    batch = SemiBatch(x, torch.zeros(4, dtype=torch.long), torch.arange(4), views=[v0, v1], index=torch.arange(8))
+    batch.logits, batch.view_logits = model.forward_batch(batch)
+    assert batch.view_logits[0].shape == (8, C) and len(batch.view_logits) == 1  # the student sees view 0 only
+    import copy
+    teacher_bb, teacher_fc = copy.deepcopy(model.ema_backbone).train(), copy.deepcopy(model.ema_classifier)
+    loss, _ = model.unlabelled_loss(batch)
+    with torch.no_grad():
+        teacher = torch.softmax(teacher_fc(teacher_bb(torch.cat([x, v1]))), 1)  # batch statistics: train mode
+    student = torch.softmax(torch.cat([batch.logits, batch.view_logits[0]]), 1).detach()
+    want = sum((student[b, c] - teacher[b, c]).item() ** 2 for b in range(12) for c in range(C)) / (12 * C)
+    assert float(loss) == pytest.approx(want, rel=1e-8)
+    criterions, _ = usb
+    torch.testing.assert_close(loss, criterions.consistency_loss(torch.cat([batch.logits, batch.view_logits[0]]),
+                                                                 teacher, "mse"))
+
+    class T:
+        global_step = 1
+
+    model._trainer = T()
+    assert model.teacher_momentum() == 0.5  # min(1 - 1 / (step + 1), alpha)
+    T.global_step = 1000
+    assert model.teacher_momentum() == 0.99
+    with pytest.raises(SSLError, match="its decay is alpha"):
+        MeanTeacher(num_classes=C, alpha=0.99, ema_decay=0.9, **TINY)
+    with pytest.raises(SSLError, match=r"MeanTeacher needs two views .* data.unlabelled_views: \[weak, weak\]"):
+        model.forward_batch(SemiBatch(x, batch.y, batch.labelled_index, views=[v0], index=torch.arange(8)))
+
+
+# ---- every method trains through Lightning ----------------------------------------------------------------------
+METHOD_CASES = {
+    "supervised": (Supervised, {}, {"mu": 0}),
+    "entropy_minimisation": (EntropyMinimisation, {}, {"unlabelled_views": ["weak"]}),
+    "pseudo_label": (PseudoLabel, {"threshold": 0.0}, {"unlabelled_views": ["weak"]}),
+    "pi_model": (PiModel, {"scale_w_max": False}, {"unlabelled_views": ["weak", "weak"]}),
+    "temporal_ensembling": (TemporalEnsembling, {}, {"unlabelled_views": ["weak"]}),
+    "mean_teacher": (MeanTeacher, {}, {"unlabelled_views": ["weak", "weak"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_CASES))
+def test_training_steps_through_lightning(name, tmp_path):
+    cls, kwargs, data = METHOD_CASES[name]
+    assert METHODS.get(name) is cls
+    model = cls(**TINY, **kwargs)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    t = trainer(tmp_path, max_steps=6, limit_val_batches=1, log_every_n_steps=1)  # 2 epochs of 3 steps (mu = 2)
+    t.fit(model, datamodule=make_dm(dataset_options={"size": 34, "image_size": 8, "num_classes": 4}, num_val=8, **data))
+    assert t.global_step == 6 and all(math.isfinite(float(v)) for v in t.callback_metrics.values())
+    assert {"train/loss", "train/supervised_loss", "val/acc", "test/acc"} <= set(t.callback_metrics)
+    if data.get("mu", 2):
+        assert "train/unlabelled_loss" in t.callback_metrics
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
+    if name == "temporal_ensembling":  # 26 unlabelled images, 3 steps of 8: 24 recorded per epoch
+        assert int(model.ensemble.epochs_done) == 2 and int((model.ensemble.updates > 0).sum()) >= 24
+    if name in ("pi_model", "temporal_ensembling"):
+        assert float(t.callback_metrics["train/unlabelled_weight"]) > 0  # second epoch
+
+
+def _resume_data(views):
+    return lambda: make_dm(unlabelled_views=views, dataset_options={"size": 40, "image_size": 8}, num_val=0)
+
+
+def _seeded(cls, **kwargs):
+    def make():
+        L.seed_everything(0)
+        return cls(**TINY, **kwargs)
+    return make
+
+
+def _perturb_everything(model) -> None:  # the restored state must not come from the fresh model's
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for buf in model.buffers():
+            buf.copy_(torch.randn_like(buf) if buf.is_floating_point() else torch.randint_like(buf.long(), 0, 2).to(buf))
+
+
+def test_temporal_ensembling_resumes_exactly(tmp_path):
+    # num_samples given: the ensemble exists in the fresh model, and is perturbed there before the resume
+    make = _seeded(TemporalEnsembling, rampup_epochs=1, num_classes=10, num_samples=40)
+    runs = check_resume_is_exact(make, _resume_data(["weak"]), tmp_path, perturb=_perturb_everything,
+                                 default_root_dir=tmp_path)  # the label split is written there
+    assert int(runs.resumed.ensemble.epochs_done) == 2 and float(runs.resumed.ensemble.ensemble.abs().sum()) > 0
+    assert int(runs.checkpoint["state_dict"]["ensemble.epochs_done"]) == 1
+
+
+def test_mean_teacher_resumes_exactly(tmp_path):
+    runs = check_resume_is_exact(_seeded(MeanTeacher, num_classes=10), _resume_data(["weak", "weak"]), tmp_path,
+                                 perturb=_perturb_everything, default_root_dir=tmp_path)
+    assert not torch.equal(runs.resumed.ema_classifier.weight, runs.resumed.classifier.weight)
+
+
+def test_method_errors():
+    with pytest.raises(SSLError, match=r"threshold=1.5: use a confidence in \[0, 1\]"):
+        PseudoLabel(threshold=1.5, num_classes=C, **TINY)
+    with pytest.raises(SSLError, match=r"PiModel needs two views .* data.unlabelled_views: \[weak, weak\]"):
+        PiModel(num_classes=C, **TINY).unlabelled_loss(semi_batch([rand(4, C)]))
+    with pytest.raises(SSLError, match=r"has not built its ensemble"):
+        TemporalEnsembling(num_classes=C, **TINY).unlabelled_loss(semi_batch([rand(4, C)]))
+
+
+# ---- Wide ResNet ----------------------------------------------------------------------------------------------------
+def test_wide_resnet_shapes_and_parameter_counts():
+    from ssl_lightning.backbones import build_backbone
+    from ssl_lightning.backbones.wide_resnet import WideBlock
+
+    net = build_backbone("wide_resnet28_2")
+    count = sum(p.numel() for p in net.parameters()) + (128 * 10 + 10)  # + the 10-way classifier
+    assert net.num_features == 128 and count == 1_467_610  # FixMatch's WRN-28-2: 1.47M
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 128) and net.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 128, 8, 8)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == 0.001 and m.eps == 1e-3 for m in bns)
+    assert all(m.negative_slope == 0.1 for m in net.modules() if isinstance(m, torch.nn.LeakyReLU))
+    assert sum(isinstance(m, WideBlock) for m in net.modules()) == 12
+    assert build_backbone("wide_resnet28_8").num_features == 512
+    assert build_backbone("wide_resnet", depth=10, widen=1, in_channels=1)(torch.randn(1, 1, 16, 16)).shape == (1, 64)
+    with pytest.raises(SSLError, match=r"depth=27: use depth = 6 n \+ 4"):
+        build_backbone("wide_resnet", depth=27)

@@ -6,5 +6,6 @@ strides).
 """
 from ssl_lightning.backbones.registry import BACKBONES, build_backbone
 from ssl_lightning.backbones import convnet, resnet, vit  # noqa: F401  (registers the backbones)
+from ssl_lightning.backbones import wide_resnet  # noqa: F401  (WRN-28-2 / -28-8 of MixMatch and FixMatch)
 
 __all__ = ["BACKBONES", "build_backbone"]

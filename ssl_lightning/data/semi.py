@@ -273,8 +273,11 @@ class SemiSupervisedDataModule(SSLDataModule):
     # ---- loaders --------------------------------------------------------------------------------------------
     def _stream(self, ds: Dataset, batch: int, steps: int, stream: int, workers: int, **kwargs) -> DataLoader:
         sampler = CyclingSampler(ds, steps * batch, seed=self.seed, stream=stream)
+        # an own generator for the workers' base seed (views are seeded per sample): iterating the loader leaves
+        # the global RNG alone, so that a resumed run continues with the same global random numbers
         return DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-                          pin_memory=self.pin_memory, persistent_workers=workers > 0, **kwargs)
+                          pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def train_dataloader(self) -> CombinedLoader:
         if self.labelled_set is None:

@@ -12,6 +12,7 @@ from ssl_lightning.methods.metric import Siamese
 from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.methods.semi_supervised import SemiSupervisedMethod, Supervised
+from ssl_lightning.methods.semi_supervised import EntropyMinimisation, MeanTeacher, PiModel, PseudoLabel, TemporalEnsembling
 from ssl_lightning.methods.semi_supervised import VAT, FixMatch, MixMatch
 
 # the module paths from before the families (``ssl_lightning.methods.moco.MoCoV2``): checkpoints (``_class_path``)
@@ -24,4 +25,5 @@ __all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPr
            "MoCoV3", "MuConPro", "NPID", "NoiseAsTargets", "Rotation", "SSLMethod", "Siamese", "SimCLR", "SimSiam", "SwAV",
            "TWIST", "VICReg", "WMSE"]
 __all__ += ["SemiSupervisedMethod", "Supervised"]
+__all__ += ["EntropyMinimisation", "MeanTeacher", "PiModel", "PseudoLabel", "TemporalEnsembling"]
 __all__ += ["FixMatch", "MixMatch", "VAT"]

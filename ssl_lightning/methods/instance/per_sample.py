@@ -18,6 +18,8 @@ def pretrain_set_size(module: L.LightningModule) -> int | None:
     trainer = module._trainer
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     dataset = getattr(dm, "pretrain_set", None)
+    if dataset is None:  # a SemiSupervisedDataModule: the unlabelled stream's images
+        dataset = getattr(dm, "unlabelled_set", None)
     return None if dataset is None else len(dataset)
 
 
