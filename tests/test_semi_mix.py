@@ -353,3 +353,16 @@ def test_mixmatch_refuses_unlabelled_views_not_a_multiple_of_the_batch():
     batch.views = [v[:5] for v in batch.views]
     with pytest.raises(SSLError, match="integer data.mu"):
         model.objective(batch)
+
+
+def test_mixmatch_resumes_exactly(tmp_path):
+    """MixMatch draws its partners and lambdas from the global RNG every step, and carries an EMA model: a
+    resumed run equals one that never stopped, bit for bit."""
+    from resume_utils import check_resume_is_exact
+    from test_semi_methods import _perturb_everything, _seeded
+
+    data = lambda: make_dm(unlabelled_views=["weak"], k_unlabelled=2, mu=1,  # noqa: E731
+                           dataset_options={"size": 40, "image_size": 8}, num_val=0)
+    runs = check_resume_is_exact(_seeded(MixMatch, num_classes=10, rampup_length=4), data, tmp_path,
+                                 perturb=_perturb_everything, default_root_dir=tmp_path)
+    assert not torch.equal(runs.resumed.ema_classifier.weight, runs.resumed.classifier.weight)
