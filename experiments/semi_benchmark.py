@@ -2,8 +2,8 @@
 ConvNet, the same fixed budget (optimizer steps, labelled batch, backbone) and the same label split per seed,
 beside the supervised-only baseline and "SimCLR-pretrained backbone + FixMatch" (CPU).
 
-    python experiments/semi_benchmark.py                                  # the whole table (resumable)
-    python experiments/semi_benchmark.py --methods fixmatch supervised --labels 100 --seeds 0
+    PYTHONPATH=. python experiments/semi_benchmark.py                     # the whole table (resumable)
+    PYTHONPATH=. python experiments/semi_benchmark.py --methods fixmatch supervised --labels 100 --seeds 0
 
 Each method trains from its config ``experiments/fashion_mnist/semi/<method>.yaml`` (its own loss settings),
 with the budget below replacing the config's: ``--steps`` optimizer steps (epochs scaled so that epoch-based
@@ -12,12 +12,15 @@ per step and at most ``--mu`` unlabelled images per labelled one. The error rate
 (the EMA model where the method has one) on the 10,000 test images -- no selection on the test set. Every run is
 appended to ``experiments/results/semi_benchmark/results.json`` as soon as it ends; runs already there (same
 method, labels, seed and budget) are skipped, so the table can be built in pieces. ``table.md`` is rewritten
-from all the runs of the current budget after every run.
+from all the runs of the current budget after every run. ``--jobs`` runs train side by side, one core each
+(augmentation in the run's own process); the SimCLR pretraining of a seed runs first, once, and is kept under
+``<out>/simclr/``. Each run records its wall time and its CPU time (what it costs on free cores).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -25,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import yaml
 
@@ -60,8 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, default=500, help="validation images carved from the training labels")
     p.add_argument("--simclr-epochs", type=int, default=2, help="SimCLR pretraining epochs (on --simclr-subset)")
     p.add_argument("--simclr-subset", type=int, default=10000, help="training images SimCLR pretrains on")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (the loader worker takes the other core)")
-    p.add_argument("--workers", type=int, default=1, help="data loader workers of the unlabelled stream")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (one per free core)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers per run (0: augment in the run's process)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--redo", action="store_true", help="train runs again even if results.json has them")
     return p.parse_args(argv)
@@ -150,14 +156,18 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def pretrain_simclr(args: argparse.Namespace, seed: int, work: Path) -> tuple[str, float]:
-    """A brief SimCLR run (its Fashion-MNIST config, this benchmark's ConvNet width); returns its last checkpoint."""
+def pretrain_simclr(args: argparse.Namespace, seed: int) -> tuple[str, float]:
+    """A brief SimCLR run (its Fashion-MNIST config, this benchmark's ConvNet width), kept under ``<out>/simclr/``
+    so that later invocations reuse it; returns its last checkpoint and the seconds it took (0 if reused)."""
     import torch
 
     from ssl_lightning.cli import SSLCLI
 
-    torch.set_num_threads(args.threads)
-    run_dir = work / f"simclr-seed{seed}"
+    run_dir = args.out / "simclr" / f"width{args.width}-epochs{args.simclr_epochs}-n{args.simclr_subset}-seed{seed}"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if checkpoint.exists():
+        return str(checkpoint), 0.0
+    torch.set_num_threads(args.threads * args.jobs)
     start = time.time()
     cli = SSLCLI(run=False, args=[
         "--config", str(SIMCLR_CONFIG), "--run_dir", str(run_dir), "--seed_everything", str(seed),
@@ -165,10 +175,25 @@ def pretrain_simclr(args: argparse.Namespace, seed: int, work: Path) -> tuple[st
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", str(args.simclr_epochs),
         "--trainer.check_val_every_n_epoch", str(10 ** 6), "--trainer.num_sanity_val_steps", "0",
         "--model.init_args.backbone_kwargs", json.dumps({"width": args.width}),
-        "--data.train_subset", str(args.simclr_subset), "--data.num_workers", str(args.workers),
+        "--data.train_subset", str(args.simclr_subset), "--data.num_workers", str(args.jobs),
         "--data.pin_memory", "false", "--data.seed", str(seed)])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return str(run_dir / "checkpoints" / "last.ckpt"), time.time() - start
+    return str(checkpoint), time.time() - start
+
+
+def make_split(path: Path, labels: int, seed: int, num_val: int) -> None:
+    """The seed's label split (stratified, seeded), written once: every method of the table trains on it."""
+    from ssl_lightning.data import SemiSupervisedDataModule
+
+    dm = SemiSupervisedDataModule(dataset="fashion_mnist", num_labels=labels, num_val=num_val, split_seed=seed,
+                                  seed=seed, mu=0, num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    dm.split.save(path)
+
+
+def run_job(key: str, argv: list[str], threads: int) -> tuple[str, dict]:
+    """One run (in a pool process with --jobs > 1)."""
+    return key, train(argv, threads)
 
 
 def summarise(results: dict, current: dict) -> str:
@@ -194,8 +219,10 @@ def summarise(results: dict, current: dict) -> str:
                 cells.append(f"{statistics.mean(errors):.2f} +- {statistics.stdev(errors):.2f} ({len(errors)})")
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(seconds):.0f} |")
-    total = sum(v["seconds"] + v.get("pretrain_seconds", 0.0) for v in runs.values())
-    lines += ["", f"{len(runs)} runs, {total / 60:.1f} min in all (SimCLR pretraining included)."]
+    pretraining = sum(v["seconds"] for v in results.get("pretraining", {}).values() if v.get("budget") == current)
+    total = sum(v["seconds"] for v in runs.values()) + pretraining
+    lines += ["", f"{len(runs)} runs, {total / 60:.1f} min of run time in all ({pretraining / 60:.1f} of SimCLR "
+              "pretraining; runs side by side with --jobs overlap)."]
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +232,10 @@ def main(argv: list[str]) -> None:
     (args.out / "splits").mkdir(exist_ok=True)
     path = args.out / "results.json"
     results = load_results(path)
+    results.setdefault("pretraining", {})
     current = budget(args)
-    pretrained: dict[int, tuple[str, float]] = {}
     with tempfile.TemporaryDirectory() as work:
+        jobs = []
         for labels in args.labels:
             for seed in args.seeds:
                 split = args.out / "splits" / f"fashion_mnist-{labels}labels-val{args.num_val}-seed{seed}.json"
@@ -217,24 +245,36 @@ def main(argv: list[str]) -> None:
                     if done and done.get("budget") == current and not args.redo:
                         print(f"{key}: done ({100 * (1 - done['test_acc']):.2f}% error), skipped", flush=True)
                         continue
-                    init, pretrain_seconds = None, 0.0
-                    if method == SIMCLR_FIXMATCH:
-                        if seed not in pretrained:
-                            pretrained[seed] = pretrain_simclr(args, seed, Path(work))
-                            pretrain_seconds = pretrained[seed][1]
-                        init = pretrained[seed][0]
+                    if not split.exists():
+                        make_split(split, labels, seed, args.num_val)
+                    init = None
+                    if method == SIMCLR_FIXMATCH:  # pretrained first, in this process, with all the cores
+                        init, seconds = pretrain_simclr(args, seed)
+                        if seconds:
+                            results["pretraining"][f"simclr/{seed}"] = {"seconds": round(seconds, 1), "budget": current}
+                            save_results(path, results)
                     run_dir = tempfile.mkdtemp(dir=work, prefix=f"{method}-{labels}-{seed}-")
                     config = CONFIGS / f"{METHODS[method][0]}.yaml"
-                    record = train(cli_args(config, run_dir, args, labels, seed, split, init), args.threads)
-                    if not split.exists():  # the split this seed's first run made: every other method reuses it
-                        split.write_text((Path(run_dir) / "label_split.json").read_text())
-                    record.update(budget=current, config=str(config.relative_to(HERE.parent)),
-                                  pretrain_seconds=round(pretrain_seconds, 1))
-                    results["runs"][key] = record
-                    save_results(path, results)
-                    (args.out / "table.md").write_text(summarise(results, current))
-                    print(f"{key}: {100 * (1 - record['test_acc']):.2f}% test error, {record['seconds']:.0f} s "
-                          f"(+ {pretrain_seconds:.0f} s SimCLR)", flush=True)
+                    jobs.append((key, cli_args(config, run_dir, args, labels, seed, split, init),
+                                 str(config.relative_to(HERE.parent))))
+
+        def record(key: str, result: dict, config: str) -> None:
+            result.update(budget=current, config=config)
+            results["runs"][key] = result
+            save_results(path, results)
+            (args.out / "table.md").write_text(summarise(results, current))
+            print(f"{key}: {100 * (1 - result['test_acc']):.2f}% test error, {result['seconds']:.0f} s", flush=True)
+
+        if args.jobs <= 1:
+            for key, run_argv, config in jobs:
+                record(*run_job(key, run_argv, args.threads), config)
+        else:  # runs side by side, one core each (spawned processes: a fresh torch each)
+            configs = {key: config for key, _, config in jobs}
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(run_job, key, run_argv, args.threads) for key, run_argv, _ in jobs]
+                for future in as_completed(futures):
+                    key, result = future.result()
+                    record(key, result, configs[key])
     print(summarise(results, current))
 
 
