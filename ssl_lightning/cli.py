@@ -55,7 +55,7 @@ class SSLCLI(LightningCLI):
                                                                  resume_command=RESUME_COMMAND)]})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         argv = kwargs.get("args")
-        data = _datamodule_class(sys.argv[1:] if argv is None else argv) if not isinstance(argv, dict) else SSLDataModule
+        data = _datamodule_class(sys.argv[1:] if argv is None else argv)
         super().__init__(SSLMethod, data, *args, subclass_mode_model=True, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -237,8 +237,12 @@ def _datamodule_class(args) -> type:
     from ssl_lightning.data import SemiSupervisedDataModule
     from ssl_lightning.methods.semi_supervised import SemiSupervisedMethod
 
-    name = _method_named(list(args))
-    if name is None:
+    if isinstance(args, dict):  # a parsed config: {"model": {"class_path": ...}, ...} (or under a subcommand)
+        model = (args["fit"] if isinstance(args.get("fit"), dict) else args).get("model")
+        name = model if isinstance(model, str) else (model or {}).get("class_path")
+    else:
+        name = _method_named(list(args))
+    if not isinstance(name, str):
         return SSLDataModule
     try:
         from ssl_lightning.evaluation.checkpoint import resolve_method

@@ -81,9 +81,22 @@ def test_ema_model_follows_the_decay_after_every_step(tmp_path):
 
     snap = Snapshot()
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[snap]).fit(model, datamodule=make_dm(mu=0))
-    m = min(0.9, (1 + 0) / (10 + 0))  # the warmed-up decay of the update after step 0: 0.1
     for k, v in model.ema_classifier.state_dict().items():  # callbacks run before the module's EMA update
-        torch.testing.assert_close(v, m * before[k] + (1 - m) * snap.student[k])
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * snap.student[k])
+
+
+def test_ema_warmup():
+    model = Supervised(ema_decay=0.999, num_classes=10, **TINY)
+
+    class T:
+        global_step = 3
+
+    model._trainer = T()
+    assert model.teacher_momentum() == 0.999  # FixMatch's fixed decay
+    model.hparams.ema_warmup = True
+    assert model.teacher_momentum() == pytest.approx(0.75)  # min(1 - 1 / (3 + 1), 0.999)
+    T.global_step = 10 ** 6
+    assert model.teacher_momentum() == 0.999
 
 
 def test_unlabelled_weight_ramps():
@@ -155,6 +168,8 @@ def test_cli_builds_the_semi_supervised_data_module_for_these_methods(tmp_path):
     assert _datamodule_class(["fit", "--config", "experiments/fashion_mnist/semi/supervised.yaml"]) is SemiSupervisedDataModule
     assert _datamodule_class(["fit", "--config", "experiments/fashion_mnist/simclr.yaml"]) is SSLDataModule
     assert _datamodule_class(["fit", "--model", "supervised"]) is SemiSupervisedDataModule
+    assert _datamodule_class({"model": {"class_path": "ssl_lightning.methods.MeanTeacher"}}) is SemiSupervisedDataModule
+    assert _datamodule_class({"model": "simclr"}) is SSLDataModule
     run = tmp_path / "run"
     main(["fit", "--model", "supervised", "--model.backbone", "convnet", "--model.backbone_kwargs", '{"width": 4}',
           "--data.dataset", "synthetic", "--data.dataset_options", '{"size": 60, "image_size": 8}',
@@ -246,6 +261,9 @@ def test_pi_model_weight_is_tempens_ramp():
     assert model.unlabelled_weight() == 0.0  # the first epoch
     T.current_epoch = 20
     assert model.unlabelled_weight() == pytest.approx(100 * 4000 / 49000 * math.exp(-5 * (1 - 20 / 80) ** 2))
+    T.global_step, T.estimated_stepping_batches = 10, 100
+    model.hparams.update(tempens_weight=False, lambda_u=10.0, rampup="linear", rampup_length=0.4)
+    assert model.unlabelled_weight() == pytest.approx(10.0 * 0.1 / 0.4)  # the FixMatch repository's baseline
 
 
 def test_temporal_ensembling_targets_and_loss():
@@ -272,7 +290,7 @@ def test_temporal_ensembling_targets_and_loss():
 
 def test_mean_teacher_loss_momentum_and_teacher_in_train_mode(usb):
     model = MeanTeacher(num_classes=C, alpha=0.99, **TINY).double()
-    assert MeanTeacher.teacher_momentum is not SemiSupervisedMethod.teacher_momentum
+    assert model.hparams.ema_warmup and model.hparams.ema_decay == 0.99
     x, v0, v1 = rand(4, 3, 8, 8, seed=1), rand(8, 3, 8, 8, seed=2), rand(8, 3, 8, 8, seed=3)
     batch = SemiBatch(x, torch.zeros(4, dtype=torch.long), torch.arange(4), views=[v0, v1], index=torch.arange(8))
     batch.logits, batch.view_logits = model.forward_batch(batch)
@@ -288,6 +306,11 @@ def test_mean_teacher_loss_momentum_and_teacher_in_train_mode(usb):
     criterions, _ = usb
     torch.testing.assert_close(loss, criterions.consistency_loss(torch.cat([batch.logits, batch.view_logits[0]]),
                                                                  teacher, "mse"))
+
+    model.hparams.labelled_consistency = False  # the FixMatch repository's baseline: the unlabelled images only
+    with torch.no_grad():
+        teacher_u = torch.softmax(teacher_fc(teacher_bb(v1)), 1)
+    torch.testing.assert_close(model.unlabelled_loss(batch)[0], ((student[4:] - teacher_u) ** 2).mean())
 
     class T:
         global_step = 1
@@ -392,3 +415,16 @@ def test_wide_resnet_shapes_and_parameter_counts():
     assert build_backbone("wide_resnet", depth=10, widen=1, in_channels=1)(torch.randn(1, 1, 16, 16)).shape == (1, 64)
     with pytest.raises(SSLError, match=r"depth=27: use depth = 6 n \+ 4"):
         build_backbone("wide_resnet", depth=27)
+
+
+def test_wide_resnet_feature_maps():
+    from ssl_lightning.backbones import build_backbone
+    from ssl_lightning.backbones.feature_maps import Stage, feature_maps, pool, stages
+
+    net = build_backbone("wide_resnet", depth=10, widen=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    maps = feature_maps(net, x)
+    assert [(k, tuple(v.shape[1:])) for k, v in maps.items()] == [("stem", (16, 16, 16)), ("group1", (32, 16, 16)),
+                                                                  ("group2", (64, 8, 8)), ("group3", (128, 4, 4))]
+    torch.testing.assert_close(pool(maps["group3"]), net(x))
+    assert stages(net) == [Stage("stem", 16, 1), Stage("group1", 32, 1), Stage("group2", 64, 2), Stage("group3", 128, 4)]

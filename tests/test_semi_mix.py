@@ -177,15 +177,6 @@ def test_fixmatch_loss_is_masked_ce_over_all_unlabelled(usb):  # noqa: F811
     assert weak.grad is None  # the pseudo-labels are a stop-gradient
 
 
-def test_ema_warmup_decay():
-    from ssl_lightning.semi import ema_warmup_decay
-
-    assert ema_warmup_decay(0, 0.999) == pytest.approx(0.1)
-    assert ema_warmup_decay(90, 0.999) == pytest.approx(91 / 100)
-    assert ema_warmup_decay(9000, 0.999) == 0.999  # (1 + t) / (10 + t) >= 0.999 from t = 8991 on
-    assert ema_warmup_decay(8000, 0.999) < 0.999
-
-
 # ---- the methods ----------------------------------------------------------------------------------------------
 import lightning as L  # noqa: E402
 

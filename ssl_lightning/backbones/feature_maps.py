@@ -8,7 +8,8 @@ Methods that score or decode spatial positions (Deep InfoMax, CPC, the autoencod
 
 The backbones themselves are untouched (same modules, same state-dict keys), so probes, checkpoints and the
 exported weights stay as they were. Stage names: ConvNet ``block1``-``block4`` (each after its ReLU, before the
-pool); ResNet ``stem`` (after the max-pool, or the 3x3 CIFAR stem) and ``layer1``-``layer4``.
+pool); ResNet ``stem`` (after the max-pool, or the 3x3 CIFAR stem) and ``layer1``-``layer4``; Wide ResNet ``stem``
+and ``group1``-``group3`` (the last with the final BN + LeakyReLU).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from torchvision.models import ResNet
 
 from ssl_lightning.backbones.convnet import ConvNet
+from ssl_lightning.backbones.wide_resnet import WideResNet
 from ssl_lightning.registry import SSLError
 
 
@@ -50,6 +52,13 @@ def _resnet_stages(net: ResNet) -> Iterator[tuple[str, nn.Module]]:
         yield name, getattr(net, name)
 
 
+def _wide_resnet_stages(net: WideResNet) -> Iterator[tuple[str, nn.Module]]:
+    yield "stem", net.stem
+    yield "group1", net.group1
+    yield "group2", net.group2
+    yield "group3", nn.Sequential(net.group3, net.final)  # with the final BN + LeakyReLU: pool(map) == forward
+
+
 def _unsupported(backbone: nn.Module) -> SSLError:
     return SSLError(f"{type(backbone).__name__} has no feature-map access: methods that use spatial features "
                     "(Deep InfoMax, CPC, autoencoders, colorization) take the 'convnet' or a 'resnet*' backbone")
@@ -66,8 +75,8 @@ def feature_maps(backbone: nn.Module, x: torch.Tensor, upto: str | None = None) 
                 return out
             if pool is not None:
                 x = pool(x)
-    elif isinstance(backbone, ResNet):
-        for name, module in _resnet_stages(backbone):
+    elif isinstance(backbone, (ResNet, WideResNet)):
+        for name, module in (_resnet_stages if isinstance(backbone, ResNet) else _wide_resnet_stages)(backbone):
             x = module(x)
             out[name] = x
             if name == upto:
@@ -110,6 +119,13 @@ def stages(backbone: nn.Module) -> list[Stage]:
             last = layer[-1]
             channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
             result.append(Stage(name, channels, stride))
+        return result
+    if isinstance(backbone, WideResNet):
+        result, stride = [Stage("stem", backbone.stem.out_channels, backbone.stem.stride[0])], backbone.stem.stride[0]
+        for name in ("group1", "group2", "group3"):
+            group = getattr(backbone, name)
+            stride *= group[0].conv1.stride[0]
+            result.append(Stage(name, group[-1].conv2.out_channels, stride))
         return result
     raise _unsupported(backbone)
 

@@ -70,10 +70,3 @@ def mean_teacher_momentum(step: int, alpha: float) -> float:
     the first students (0 at step 0: a copy) and settles at ``alpha``."""
     return min(1.0 - 1.0 / (step + 1), alpha)
 
-
-def ema_warmup_decay(step: int, decay: float) -> float:
-    """The decay of an EMA model's update after optimizer step ``step`` (counting from 0), warmed up as
-    TensorFlow's ``ExponentialMovingAverage(decay, num_updates=step)``: ``min(decay, (1 + t) / (10 + t))``.
-    A fixed 0.999 would leave ~37% of the random initialisation in the EMA model after 1,000 steps (a short run
-    then evaluates a model that predicts one class); from t ~ 9,000 on, it is ``decay`` itself (0.999)."""
-    return min(decay, (1.0 + step) / (10.0 + step))

@@ -32,7 +32,8 @@ from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.modules.ema import momentum_copy
 from ssl_lightning.registry import SSLError
 from ssl_lightning.optim import warmup_cosine
-from ssl_lightning.semi.ramps import ema_warmup_decay, fixmatch_lr_factor, linear_rampup, sigmoid_rampup, tempens_rampdown
+from ssl_lightning.semi.ramps import (fixmatch_lr_factor, linear_rampup, mean_teacher_momentum, sigmoid_rampup,
+                                      tempens_rampdown)
 
 Ramp = Literal["none", "linear", "sigmoid"]
 RampUnit = Literal["fraction", "epochs", "steps"]
@@ -66,13 +67,18 @@ class SemiSupervisedMethod(SSLMethod):
         rampup: shape of the weight's ramp-up (``linear``: t; ``sigmoid``: exp(-5 (1 - t)^2)); ``none`` = constant.
         rampup_length: its length in ``rampup_unit``: a ``fraction`` of all training steps (Pseudo-label 0.4),
             ``epochs`` (Mean Teacher 5) or optimizer ``steps`` (MixMatch 16,000).
-        ema_decay: keep an EMA of the backbone and classifier with this decay (fixed, updated after every step)
-            and evaluate it instead of the trained weights; None = no EMA model.
+        ema_decay: keep an EMA of the backbone and classifier with this decay (updated after every step) and
+            evaluate it instead of the trained weights; None = no EMA model.
+        ema_warmup: the decay after step k is ``min(1 - 1 / (k + 1), ema_decay)`` (Mean Teacher's warm-up: the EMA
+            starts as a plain average of the first students) instead of the fixed ``ema_decay`` of FixMatch and
+            MixMatch, whose EMA still holds ``ema_decay^k`` of the initial weights after k steps (0.67 after 400
+            steps at 0.999): use it for short runs.
         lr: the optimizer's learning rate as the papers give it (NOT per 256 images: semi-supervised recipes state
             it for their batch; with more processes, scale it yourself if you want to).
         lr_schedule: per-step factor: ``cosine`` (warm-up, then cosine to ``min_lr_ratio``), ``fixmatch``
             (cos(7 pi k / 16 K), ends at ~0.2), ``constant`` (after the warm-up), ``tempens`` (Laine & Aila: the
             sigmoid ramp-up over ``warmup_epochs`` and the ramp-down over the last ``rampdown_epochs``).
+        rampdown_epochs: the ``tempens`` schedule's ramp-down length (50 in tempens; 0 = none).
         nesterov: Nesterov momentum (SGD; FixMatch, Mean Teacher).
         init_backbone: start the backbone from this framework's self-supervised run: a Lightning ``.ckpt`` or a
             weight file written by ``ssl-lightning export`` (loaded when training starts, not on resume). Its
@@ -91,6 +97,7 @@ class SemiSupervisedMethod(SSLMethod):
         rampup_length: float = 0.0,
         rampup_unit: RampUnit = "fraction",
         ema_decay: float | None = None,
+        ema_warmup: bool = False,
         lr_schedule: LRSchedule = "cosine",
         rampdown_epochs: float = 0.0,
         nesterov: bool = False,
@@ -170,10 +177,12 @@ class SemiSupervisedMethod(SSLMethod):
 
     def unlabelled_weight(self) -> float:
         """``w(t) = lambda_u * ramp(t)`` at this step, ``t`` in ``rampup_unit``."""
-        hp = self.hparams
-        t = {"steps": self.trainer.global_step, "epochs": self.trainer.global_step / self.steps_per_epoch(),
-             "fraction": self.trainer.global_step / max(1, int(self.trainer.estimated_stepping_batches))}[hp.rampup_unit]
-        return hp.lambda_u * RAMPS[hp.rampup](t, hp.rampup_length)
+        hp, step = self.hparams, self.trainer.global_step
+        if hp.rampup_unit == "epochs":
+            step = step / self.steps_per_epoch()
+        elif hp.rampup_unit == "fraction":
+            step = step / max(1, int(self.trainer.estimated_stepping_batches))
+        return hp.lambda_u * RAMPS[hp.rampup](step, hp.rampup_length)
 
     # ---- the network ----------------------------------------------------------------------------------------------
     def logits(self, x: Tensor, ema: bool = False) -> Tensor:
@@ -191,11 +200,10 @@ class SemiSupervisedMethod(SSLMethod):
         return [(self.backbone, self.ema_backbone), (self.classifier, self.ema_classifier)]
 
     def teacher_momentum(self) -> float:
-        """The EMA model's decay: ``ema_decay`` warmed up as TensorFlow's EMA with ``num_updates``,
-        ``min(ema_decay, (1 + t) / (10 + t))`` (:func:`~ssl_lightning.semi.ramps.ema_warmup_decay`), so that a short
-        run does not evaluate a model still ~(ema_decay)^t made of its random initialisation; from t ~ 9,000 on it
-        is the fixed ``ema_decay`` (override for another schedule, e.g. Mean Teacher's)."""
-        return ema_warmup_decay(self.trainer.global_step - 1, float(self.hparams.ema_decay))
+        """The EMA model's decay for the update after optimizer step ``global_step - 1``: ``ema_decay``, or with
+        ``ema_warmup`` ``min(1 - 1 / (global_step + 1), ema_decay)``."""
+        decay = float(self.hparams.ema_decay)
+        return mean_teacher_momentum(self.trainer.global_step, decay) if self.hparams.ema_warmup else decay
 
     # ---- steps ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

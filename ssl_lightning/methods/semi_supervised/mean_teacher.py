@@ -8,13 +8,14 @@ from torch import Tensor
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.methods.semi_supervised.base import SemiBatch, SemiSupervisedMethod
 from ssl_lightning.registry import SSLError
-from ssl_lightning.semi import mean_teacher_momentum, softmax_mse
+from ssl_lightning.semi import softmax_mse
 
 
 @METHODS.register("mean_teacher")
 class MeanTeacher(SemiSupervisedMethod):
     """The teacher is the EMA of the student's weights, ``theta' <- alpha_t theta' + (1 - alpha_t) theta`` with
-    ``alpha_t = min(1 - 1 / (step + 1), alpha)`` after every step (the base's EMA model, evaluated for val / test);
+    ``alpha_t = min(1 - 1 / (step + 1), alpha)`` after every step (the base's EMA model with ``ema_warmup``, evaluated
+    for val / test);
     consistency ``L_u = mean_{b, c} (softmax(f_theta(u))_bc - softmax(f_theta'(u~))_bc)^2`` between the student on
     one augmentation and the teacher on another (``data.unlabelled_views: [weak, weak]``), over the unlabelled AND
     the labelled images (the labelled batch has one view: the teacher sees the student's input there). The
@@ -27,20 +28,21 @@ class MeanTeacher(SemiSupervisedMethod):
 
     Args:
         alpha: the teacher's EMA decay after the warm-up (0.99; 0.999 in the TensorFlow ConvNet setting).
+        labelled_consistency: apply the consistency to the labelled batch too (the official code; the FixMatch
+            repository's baseline applies it to the unlabelled images only).
         **kwargs: :class:`SemiSupervisedMethod` options.
     """
 
     def __init__(self, alpha: float = 0.99, lambda_u: float = 100.0, rampup: str = "sigmoid",
-                 rampup_length: float = 5.0, rampup_unit: str = "epochs", **kwargs) -> None:
+                 rampup_length: float = 5.0, rampup_unit: str = "epochs", labelled_consistency: bool = True,
+                 **kwargs) -> None:
         ema_decay = kwargs.pop("ema_decay", None)
         if ema_decay is not None and ema_decay != alpha:
             raise SSLError(f"MeanTeacher: ema_decay={ema_decay}: the teacher is the EMA model, its decay is alpha="
                            f"{alpha}; set alpha instead (and leave ema_decay unset).")
-        super().__init__(ema_decay=alpha, lambda_u=lambda_u, rampup=rampup, rampup_length=rampup_length,
-                         rampup_unit=rampup_unit, **kwargs)
-
-    def teacher_momentum(self) -> float:
-        return mean_teacher_momentum(self.trainer.global_step, self.hparams.alpha)
+        kwargs.pop("ema_warmup", None)
+        super().__init__(ema_decay=alpha, ema_warmup=True, lambda_u=lambda_u, rampup=rampup,
+                         rampup_length=rampup_length, rampup_unit=rampup_unit, **kwargs)
 
     def forward_batch(self, batch: SemiBatch) -> tuple[Tensor, list[Tensor]]:
         if len(batch.views) < 2:
@@ -50,7 +52,9 @@ class MeanTeacher(SemiSupervisedMethod):
         return super().forward_batch(student)  # the student: labelled + the first view, one pass
 
     def unlabelled_loss(self, batch: SemiBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        labelled = self.hparams.labelled_consistency
         with torch.no_grad():
-            teacher = torch.softmax(self.logits(torch.cat([batch.x, batch.views[1]]), ema=True), dim=1)
-        student = torch.cat([batch.logits, batch.view_logits[0]])
+            teacher_input = torch.cat([batch.x, batch.views[1]]) if labelled else batch.views[1]
+            teacher = torch.softmax(self.logits(teacher_input, ema=True), dim=1)
+        student = torch.cat([batch.logits, batch.view_logits[0]]) if labelled else batch.view_logits[0]
         return softmax_mse(student, teacher), {}

@@ -21,6 +21,8 @@ class PiModel(SemiSupervisedMethod):
     The weight is tempens's ``w(t) = w_max exp(-5 (1 - t)^2)`` with ``t = epoch / rampup_epochs``, 0 in the first
     epoch, ``w_max`` scaled by labelled / training images (``scale_w_max``); with ``lr_schedule: tempens`` and
     ``warmup_epochs: 80`` the same ramp scales the learning rate (Adam 0.003, BS 100, 300 epochs in the paper).
+    ``tempens_weight: false`` uses the base's ``lambda_u`` and ramp instead (the FixMatch repository's baseline:
+    weight 10, linear over 40% of training, ``detach_target: true``, ``input_noise: 0``).
     With ``data.unlabelled: all`` the labelled images are in the unlabelled stream too, as in tempens where every
     training image gets the consistency term.
 
@@ -30,11 +32,13 @@ class PiModel(SemiSupervisedMethod):
         scale_w_max: multiply w_max by ``num_labelled / num_training_images`` (tempens).
         input_noise: std of the Gaussian noise added to every input image (0.15 in tempens, on ZCA inputs).
         detach_target: stop the gradient through the second pass.
+        tempens_weight: the tempens weight above (False: ``lambda_u`` x the base's ramp).
         **kwargs: :class:`SemiSupervisedMethod` options.
     """
 
     def __init__(self, w_max: float = 100.0, rampup_epochs: float = 80, scale_w_max: bool = True,
-                 input_noise: float = 0.15, detach_target: bool = False, **kwargs) -> None:
+                 input_noise: float = 0.15, detach_target: bool = False, tempens_weight: bool = True,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         if w_max < 0 or rampup_epochs < 0 or input_noise < 0:
             raise SSLError(f"{type(self).__name__}: w_max={w_max}, rampup_epochs={rampup_epochs}, input_noise="
@@ -42,6 +46,8 @@ class PiModel(SemiSupervisedMethod):
 
     def unlabelled_weight(self) -> float:
         hp, dm = self.hparams, self.trainer.datamodule
+        if not hp.tempens_weight:
+            return super().unlabelled_weight()
         if hp.scale_w_max:
             num_training = dm.num_unlabelled + (dm.num_labelled if dm.unlabelled == "rest" else 0)
             return pi_model_weight(self.current_epoch, hp.w_max, hp.rampup_epochs, dm.num_labelled, num_training)
