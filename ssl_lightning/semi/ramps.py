@@ -69,4 +69,3 @@ def mean_teacher_momentum(step: int, alpha: float) -> float:
     """Mean Teacher's EMA decay ``min(1 - 1 / (step + 1), alpha)``: the teacher starts as a plain average of
     the first students (0 at step 0: a copy) and settles at ``alpha``."""
     return min(1.0 - 1.0 / (step + 1), alpha)
-
