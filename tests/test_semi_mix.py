@@ -357,3 +357,28 @@ def test_mixmatch_resumes_exactly(tmp_path):
     runs = check_resume_is_exact(_seeded(MixMatch, num_classes=10, rampup_length=4), data, tmp_path,
                                  perturb=_perturb_everything, default_root_dir=tmp_path)
     assert not torch.equal(runs.resumed.ema_classifier.weight, runs.resumed.classifier.weight)
+
+
+def test_tf_ema_warmup(tmp_path):
+    from ssl_lightning.semi import ema_warmup_decay
+
+    assert ema_warmup_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_warmup_decay(90, 0.999) == pytest.approx(91 / 100)
+    assert ema_warmup_decay(9000, 0.999) == 0.999 and ema_warmup_decay(8000, 0.999) < 0.999
+    model = FixMatch(num_classes=10, ema_warmup="tf", **TINY)
+    before = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.student = {k: v.clone() for k, v in pl_module.classifier.state_dict().items()}
+
+    snap = Snapshot()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, accelerator="cpu", logger=False, callbacks=[snap],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=make_dm(**VIEWS[FixMatch]))
+    m = ema_warmup_decay(1, 0.999)  # the update after the first step (global_step 1): 2 / 11
+    for k, v in model.ema_classifier.state_dict().items():
+        torch.testing.assert_close(v, m * before[k] + (1 - m) * snap.student[k])
+    with pytest.raises(SSLError, match="ema_warmup='yes'"):
+        FixMatch(num_classes=10, ema_warmup="yes", **TINY)
