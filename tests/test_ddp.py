@@ -622,3 +622,99 @@ def test_deepcluster_ddp_features_and_labels_equal_one_process_on_the_whole_data
         assert torch.equal(res["labels"], labels)  # rank 0's clustering, on every rank
         assert res["objective"] == pytest.approx(objective, rel=1e-4)
     assert torch.unique(labels).numel() == 3
+# ---- semi-supervised: FixMatch's confidence mask and loss, MixMatch's label guess and loss -----------------
+# Both are per-sample means without a gather: with equal batches per process, DDP's averaged gradients and the
+# mean of the per-process losses must equal one process on the global batch, and the masks / guesses its rows.
+# (BatchNorm's statistics are per process unless trainer.sync_batchnorm converts the layers to SyncBatchNorm,
+# which refuses CPU tensors in this torch: the models here are norm-free, as everywhere in this file.)
+SEMI_B, SEMI_MU, SEMI_CLASSES = 4, 2, 5
+
+
+def build_semi(cls, **kwargs) -> nn.Module:
+    """``cls`` on the norm-free ConvNet, its classifier scaled so that the predictions are far from uniform."""
+    torch.manual_seed(0)
+    model = cls(backbone="convnet", backbone_kwargs=NORM_FREE_CONVNET, in_channels=1, num_classes=SEMI_CLASSES,
+                ema_decay=None, **kwargs)
+    with torch.no_grad():
+        model.classifier.weight.mul_(90)
+    model.unlabelled_weight = lambda: 1.0  # outside a fit (it reads the trainer's step otherwise)
+    return model
+
+
+def semi_batch(rank: int | None = None, views: int = 2, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The global batch (rank None) or rank ``rank``'s rows of it: labelled x, y and the unlabelled views."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(WORLD * SEMI_B, 1, IMAGE, IMAGE, generator=g)
+    y = torch.randint(SEMI_CLASSES, (WORLD * SEMI_B,), generator=g)
+    u = [torch.randn(WORLD * SEMI_MU * SEMI_B, 1, IMAGE, IMAGE, generator=g) for _ in range(views)]
+    if rank is None:
+        return x, y, u
+    rows, urows = slice(rank * SEMI_B, (rank + 1) * SEMI_B), slice(rank * SEMI_MU * SEMI_B, (rank + 1) * SEMI_MU * SEMI_B)
+    return x[rows], y[rows], [v[urows] for v in u]
+
+
+class SemiStep(nn.Module):
+    """The method's whole objective inside ``forward`` (what Lightning's DDP wrapper does with training_step);
+    also returns the weak view's detached confidence mask / pseudo-labels or the label guess."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, x, y, views):
+        from ssl_lightning.losses.semi_supervised import fixmatch_loss, guess_labels
+        from ssl_lightning.methods.semi_supervised import FixMatch, SemiBatch
+
+        batch = SemiBatch(x, y, torch.arange(x.shape[0]), list(views), torch.arange(views[0].shape[0]))
+        if isinstance(self.method, FixMatch):
+            loss = self.method.objective(batch)["loss"]
+            _, mask, labels = fixmatch_loss(*batch.view_logits, self.method.hparams.threshold)
+            return loss, mask, labels.float()
+        with torch.no_grad():
+            guess = guess_labels([self.method.logits(v) for v in views], self.method.hparams.temperature)
+        return self.method.objective(batch)["loss"], guess, guess
+
+
+FIXMATCH_THRESHOLD = 0.86  # between confidences of the weak views (0.852 and 0.873)
+
+
+def semi_models() -> dict:
+    from ssl_lightning.methods import FixMatch, MixMatch
+
+    # MixMatch with alpha 0: no mixing partners (a per-process shuffle cannot equal the global one), all else as is
+    return {"fixmatch": lambda: build_semi(FixMatch, threshold=FIXMATCH_THRESHOLD),
+            "mixmatch": lambda: build_semi(MixMatch, alpha=0.0)}
+
+
+def scenario_semi(rank: int, world: int, out: Path) -> dict:
+    results = {}
+    for name, build in semi_models().items():
+        model = build()
+        ddp = torch.nn.parallel.DistributedDataParallel(SemiStep(model))
+        loss, rows, labels = ddp(*semi_batch(rank))
+        loss.backward()
+        results[name] = {"loss": loss.detach(), "rows": rows, "labels": labels, "grads": grads(model)}
+    return results
+
+
+SCENARIOS["semi"] = scenario_semi
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "mixmatch"])
+def test_semi_mask_guess_and_loss_ddp_equal_one_process_on_the_global_batch(ddp, name):
+    model = semi_models()[name]()
+    loss, rows, labels = SemiStep(model)(*semi_batch())
+    loss.backward()
+    ref = grads(model)
+    per_rank = [res[name] for res in ddp("semi")]
+    if name == "fixmatch":
+        assert 0 < rows.sum() < rows.numel()  # some pseudo-labels kept, some masked: the mask matters
+    torch.testing.assert_close(torch.cat([r["rows"] for r in per_rank]), rows, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["labels"] for r in per_rank]), labels, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, loss.detach(), atol=1e-6, rtol=1e-5)
+    scale = float(max(g.abs().max() for g in ref.values()))
+    for r, res in enumerate(per_rank):
+        assert res["grads"].keys() == ref.keys()
+        for key, g in ref.items():
+            torch.testing.assert_close(res["grads"][key], g, atol=1e-5 * scale, rtol=1e-4,
+                                       msg=lambda m, k=key: f"rank {r} {k}: {m}")

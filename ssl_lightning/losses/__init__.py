@@ -25,6 +25,8 @@ from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.losses.mutual_information.cpc import cpc_infonce
 from ssl_lightning.losses.mutual_information.dim import (dim_loss, dim_scores, dv_mi_loss, infonce_mi_loss, jsd_mi_loss,
                                                          prior_discriminator_loss, prior_encoder_loss)
+from ssl_lightning.losses.semi_supervised import (adversarial_direction, fixmatch_loss, guess_labels, mixmatch_loss,
+                                                  normalise_per_sample, vat_loss)
 
 # the module paths from before the families (``ssl_lightning.losses.swav``), for code written against them
 for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", "ntxent", "regression", "simsiam", "swav",
@@ -42,6 +44,7 @@ __all__ = [
     "reconstruction_loss",
     "region_weights",
     "DINOLoss",
+    "adversarial_direction",
     "barlow_twins_loss",
     "byol_loss",
     "cholesky_whiten",
@@ -49,9 +52,12 @@ __all__ = [
     "contrastive_margin_loss",
     "covariance_loss",
     "dino_cross_entropy",
+    "fixmatch_loss",
+    "guess_labels",
     "info_nce",
     "invariance_loss",
     "kde_terms",
+    "mixmatch_loss",
     "moco_infonce",
     "mocov3_infonce",
     "muconpro_loss",
@@ -60,6 +66,7 @@ __all__ = [
     "nat_loss",
     "nce_logit",
     "nce_loss",
+    "normalise_per_sample",
     "npid_nce_loss",
     "npid_nce_probs",
     "npid_softmax_loss",
@@ -75,6 +82,7 @@ __all__ = [
     "teacher_twist_loss",
     "twist_loss",
     "variance_loss",
+    "vat_loss",
     "vicreg_loss",
     "wmse_loss",
 ]

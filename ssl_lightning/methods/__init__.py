@@ -18,6 +18,7 @@ from ssl_lightning.methods.pretext import Colorization, SplitBrain
 from ssl_lightning.methods.registry import METHODS
 from ssl_lightning.methods.semi_supervised import SemiSupervisedMethod, Supervised
 from ssl_lightning.methods.semi_supervised import EntropyMinimisation, MeanTeacher, PiModel, PseudoLabel, TemporalEnsembling
+from ssl_lightning.methods.semi_supervised import VAT, FixMatch, MixMatch
 
 # the module paths from before the families (``ssl_lightning.methods.moco.MoCoV2``): checkpoints (``_class_path``)
 # and run configs written then name them, so they still load
@@ -35,3 +36,4 @@ __all__ += ["CPC"]
 __all__ += ["DeepInfoMax"]
 __all__ += ["DeepCluster"]
 __all__ += ["AutoEncoder", "ContextEncoder", "DenoisingAutoEncoder"]
+__all__ += ["FixMatch", "MixMatch", "VAT"]

@@ -69,3 +69,11 @@ def mean_teacher_momentum(step: int, alpha: float) -> float:
     """Mean Teacher's EMA decay ``min(1 - 1 / (step + 1), alpha)``: the teacher starts as a plain average of
     the first students (0 at step 0: a copy) and settles at ``alpha``."""
     return min(1.0 - 1.0 / (step + 1), alpha)
+
+
+def ema_warmup_decay(step: int, decay: float) -> float:
+    """TensorFlow's ``ExponentialMovingAverage(decay, num_updates=step)``: ``min(decay, (1 + t) / (10 + t))``. Unlike
+    :func:`mean_teacher_momentum` (a plain average of all models so far while ``1 - 1/(t+1) < decay``), it weights
+    the last ~t/10 steps, so that a short run's EMA model holds neither the initial weights nor the earliest
+    ones; from t ~ 9,000 on it is ``decay`` (0.999) itself."""
+    return min(decay, (1.0 + step) / (10.0 + step))

