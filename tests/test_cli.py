@@ -117,8 +117,10 @@ STEP_CONFIGS = [c for c in CONFIGS if c.startswith("experiments/cifar10/")
                 or (c.split("/")[1] in ("stl10", "imagenet100") and Path(c).stem in ("simclr", "byol"))]
 
 
-# what a 4-image batch needs changed (W-MSE whitens sub-batches of w_size > emb images)
-SMALL_BATCH = {"wmse": ["--model.init_args.w_size", "4", "--model.init_args.emb", "2"]}
+# what a 4-image batch (or the 40-image stand-in) needs changed: W-MSE whitens sub-batches of w_size > emb images,
+# DeepCluster clusters the whole training set into fewer clusters than images
+SMALL_BATCH = {"wmse": ["--model.init_args.w_size", "4", "--model.init_args.emb", "2"],
+               "deepcluster": ["--model.init_args.num_clusters", "4", "--model.init_args.pca_dim", "8"]}
 
 
 @pytest.mark.parametrize("config", STEP_CONFIGS)
