@@ -1,5 +1,6 @@
 """Losses as plain functions, testable alone and callable from any method, grouped by family
-(``instance/``, ``joint_embedding/``, ``metric/``); every one is importable from here."""
+(``instance/``, ``joint_embedding/``, ``metric/``, ``mutual_information/``, ``pretext/``, ``autoencoding/``,
+``semi_supervised/``); every one is importable from here."""
 import sys as _sys
 
 from ssl_lightning.losses.autoencoding import (context_encoder_loss, denoising_weights, discriminator_loss,
@@ -21,10 +22,10 @@ from ssl_lightning.losses.metric.contrastive_margin import contrastive_margin_lo
 from ssl_lightning.losses.metric.infonce import info_nce, moco_infonce, mocov3_infonce
 from ssl_lightning.losses.metric.nce import nce_logit, nce_loss
 from ssl_lightning.losses.metric.soft_nearest_neighbour import soft_nearest_neighbour_loss
-from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.losses.mutual_information.cpc import cpc_infonce
 from ssl_lightning.losses.mutual_information.dim import (dim_loss, dim_scores, dv_mi_loss, infonce_mi_loss, jsd_mi_loss,
                                                          prior_discriminator_loss, prior_encoder_loss)
+from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.losses.semi_supervised import (adversarial_direction, fixmatch_loss, guess_labels, mixmatch_loss,
                                                   normalise_per_sample, vat_loss)
 
@@ -36,26 +37,29 @@ for _family, _names in {"joint_embedding": ("barlow_twins", "dino", "muconpro", 
         _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{__name__}.{_family}.{_name}"])
 
 __all__ = [
-    "context_encoder_loss",
-    "denoising_weights",
-    "discriminator_loss",
-    "generator_adversarial_loss",
-    "overlap_weights",
-    "reconstruction_loss",
-    "region_weights",
-    "DINOLoss",
     "adversarial_direction",
     "barlow_twins_loss",
     "byol_loss",
     "cholesky_whiten",
     "colorization_loss",
+    "context_encoder_loss",
     "contrastive_margin_loss",
     "covariance_loss",
+    "cpc_infonce",
+    "denoising_weights",
+    "dim_loss",
+    "dim_scores",
     "dino_cross_entropy",
+    "DINOLoss",
+    "discriminator_loss",
+    "dv_mi_loss",
     "fixmatch_loss",
+    "generator_adversarial_loss",
     "guess_labels",
     "info_nce",
+    "infonce_mi_loss",
     "invariance_loss",
+    "jsd_mi_loss",
     "kde_terms",
     "mixmatch_loss",
     "moco_infonce",
@@ -71,11 +75,16 @@ __all__ = [
     "npid_nce_probs",
     "npid_softmax_loss",
     "nt_xent",
+    "overlap_weights",
+    "prior_discriminator_loss",
+    "prior_encoder_loss",
+    "reconstruction_loss",
+    "region_weights",
     "self_label_loss",
     "simsiam_loss",
     "sinkhorn",
-    "soft_nearest_neighbour_loss",
     "soft_mean",
+    "soft_nearest_neighbour_loss",
     "swapped_prediction",
     "swav_loss",
     "teacher_temperature",
@@ -86,6 +95,3 @@ __all__ = [
     "vicreg_loss",
     "wmse_loss",
 ]
-__all__ += ["cpc_infonce"]
-__all__ += ["dim_loss", "dim_scores", "dv_mi_loss", "infonce_mi_loss", "jsd_mi_loss", "prior_discriminator_loss",
-            "prior_encoder_loss"]

@@ -1,4 +1,5 @@
-"""Pretraining methods, grouped by family in sub-packages (``joint_embedding/``, ``pretext/``, ``metric/``, ...);
+"""Methods, grouped by family in sub-packages (``joint_embedding/``, ``instance/``, ``clustering/``,
+``mutual_information/``, ``pretext/``, ``autoencoding/``, ``metric/``, ``semi_supervised/``);
 each registers itself in the one ``METHODS`` registry under its paper's name, and every class is importable from
 here."""
 import sys as _sys
@@ -11,14 +12,11 @@ from ssl_lightning.methods.instance import NPID, NoiseAsTargets
 from ssl_lightning.methods.joint_embedding import (BYOL, DINO, TWIST, WMSE, BarlowTwins, DiscPro, GenPro, MoCoV1,
                                                    MoCoV2, MoCoV3, MuConPro, SimCLR, SimSiam, SwAV, VICReg)
 from ssl_lightning.methods.metric import Siamese
-from ssl_lightning.methods.mutual_information import CPC
-from ssl_lightning.methods.mutual_information import DeepInfoMax
-from ssl_lightning.methods.pretext import ContextPrediction, Jigsaw, Rotation
-from ssl_lightning.methods.pretext import Colorization, SplitBrain
+from ssl_lightning.methods.mutual_information import CPC, DeepInfoMax
+from ssl_lightning.methods.pretext import Colorization, ContextPrediction, Jigsaw, Rotation, SplitBrain
 from ssl_lightning.methods.registry import METHODS
-from ssl_lightning.methods.semi_supervised import SemiSupervisedMethod, Supervised
-from ssl_lightning.methods.semi_supervised import EntropyMinimisation, MeanTeacher, PiModel, PseudoLabel, TemporalEnsembling
-from ssl_lightning.methods.semi_supervised import VAT, FixMatch, MixMatch
+from ssl_lightning.methods.semi_supervised import (VAT, EntropyMinimisation, FixMatch, MeanTeacher, MixMatch, PiModel,
+                                                   PseudoLabel, SemiSupervisedMethod, Supervised, TemporalEnsembling)
 
 # the module paths from before the families (``ssl_lightning.methods.moco.MoCoV2``): checkpoints (``_class_path``)
 # and run configs written then name them, so they still load
@@ -26,14 +24,9 @@ for _name in ("barlow_twins", "byol", "dino", "moco", "mocov3", "muconpro", "sim
               "vicreg", "wmse"):
     _sys.modules.setdefault(f"{__name__}.{_name}", _sys.modules[f"{_joint_embedding.__name__}.{_name}"])
 
-__all__ = ["BYOL", "BarlowTwins", "ContextPrediction", "DINO", "DiscPro", "GenPro", "Jigsaw", "METHODS", "MoCoV1", "MoCoV2",
-           "MoCoV3", "MuConPro", "NPID", "NoiseAsTargets", "Rotation", "SSLMethod", "Siamese", "SimCLR", "SimSiam", "SwAV",
-           "TWIST", "VICReg", "WMSE"]
-__all__ += ["Colorization", "SplitBrain"]
-__all__ += ["SemiSupervisedMethod", "Supervised"]
-__all__ += ["EntropyMinimisation", "MeanTeacher", "PiModel", "PseudoLabel", "TemporalEnsembling"]
-__all__ += ["CPC"]
-__all__ += ["DeepInfoMax"]
-__all__ += ["DeepCluster"]
-__all__ += ["AutoEncoder", "ContextEncoder", "DenoisingAutoEncoder"]
-__all__ += ["FixMatch", "MixMatch", "VAT"]
+__all__ = ["AutoEncoder", "BarlowTwins", "BYOL", "Colorization", "ContextEncoder", "ContextPrediction", "CPC",
+           "DeepCluster", "DeepInfoMax", "DenoisingAutoEncoder", "DINO", "DiscPro", "EntropyMinimisation",
+           "FixMatch", "GenPro", "Jigsaw", "MeanTeacher", "METHODS", "MixMatch", "MoCoV1", "MoCoV2", "MoCoV3",
+           "MuConPro", "NoiseAsTargets", "NPID", "PiModel", "PseudoLabel", "Rotation", "SemiSupervisedMethod",
+           "Siamese", "SimCLR", "SimSiam", "SplitBrain", "SSLMethod", "Supervised", "SwAV", "TemporalEnsembling",
+           "TWIST", "VAT", "VICReg", "WMSE"]
