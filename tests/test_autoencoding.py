@@ -143,7 +143,7 @@ def test_context_encoder_losses_are_their_formulas():
 @pytest.mark.parametrize("kw", [{}, {"bottleneck": "map"}, {"loss": "bce"}])
 def test_autoencoder_loss_is_the_reconstruction_of_the_view(kw):
     model = _make("autoencoder", **kw)
-    model.pixel_mean.fill_(0.3), model.pixel_std.fill_(0.5)
+    model.normalisation.mean.fill_(0.3), model.normalisation.std.fill_(0.5)
     x = _images()
     out = _loss(model, x)
     model.eval()  # the same normalisation in both passes: compare the formulas, not the batch statistics
@@ -159,7 +159,7 @@ def test_autoencoder_loss_is_the_reconstruction_of_the_view(kw):
 
 def test_masking_noise_zeroes_the_stated_fraction_and_the_loss_is_emphasised():
     model = _make("denoising_autoencoder", noise=0.3, alpha=3.0, beta=0.5)
-    model.pixel_mean.fill_(0.25), model.pixel_std.fill_(0.5)
+    model.normalisation.mean.fill_(0.25), model.normalisation.std.fill_(0.5)
     x = _images(b=3) + 5  # no component at the black value by chance
     noisy, corrupted = model.corrupt(x)
     black = (0 - 0.25) / 0.5
@@ -239,11 +239,12 @@ def test_random_region_mask_covers_20_to_30_percent_and_weights_the_context_10x(
                                      ("context_encoder", {"mask": "random", "bottleneck": "map"}),
                                      ("context_encoder", {"overlap": 1, "lambda_adv": 0.001, "disc_width": 8})])
 def test_short_fit_runs_through_lightning(name, kw):
-    model = _make(name, num_classes=None, **kw)
-    trainer = fit(model, _data(), max_epochs=1, log_every_n_steps=1)
+    model, data = _make(name, num_classes=None, **kw), _data()
+    trainer = fit(model, data, max_epochs=1, log_every_n_steps=1)
     assert trainer.global_step == 2  # also with the discriminator's optimizer: one step per batch
     metrics = trainer.callback_metrics
-    assert math.isfinite(float(metrics["train/loss"])) and float(model.pixel_std[0]) != 1.0  # the data's std
+    assert math.isfinite(float(metrics["train/loss"])) and \
+        model.normalisation.std.tolist() == pytest.approx(list(data.std))  # the data's, read in setup
     if kw.get("lambda_adv"):
         assert {"train/adv", "train/disc", "train/rec"} <= set(metrics)
         assert len(trainer.optimizers) == 2

@@ -236,7 +236,7 @@ def test_one_lightning_step_and_evaluation_path(name, tmp_path):
     dm = _data()
     trainer.fit(model, dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"]) and "val/knn_top1" in trainer.callback_metrics
-    torch.testing.assert_close(model.data_mean, torch.tensor(dm.mean))  # read from the datamodule
+    torch.testing.assert_close(model.normalisation.mean, torch.tensor(dm.mean))  # read from the datamodule
     if name == "colorization":
         assert model.prior_counts.sum() == 32 * SIZE * SIZE  # estimated from the 32 training images
     trainer.save_checkpoint(tmp_path / "run.ckpt")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ssl_lightning.modules import MemoryBank, cosine_momentum, ema_update, momentum_copy
+from ssl_lightning.registry import SSLError
 
 
 def _net(seed: int) -> nn.Module:
@@ -234,3 +235,37 @@ def test_memory_bank_resume_before_full_keeps_filled():
     b.enqueue(torch.full((4, 2), 2.0), gather=False)
     assert int(b.ptr) == 7 and int(b.filled) == 7
     assert torch.equal(b.bank[3:7], torch.full((4, 2), 2.0)) and torch.equal(b.bank[:3], torch.ones(3, 2))
+
+
+# ---- ViewNormalisation: the views' statistics for methods with raw-pixel targets --------------------------------
+def test_view_normalisation_round_trips_and_refuses_to_guess():
+    from types import SimpleNamespace
+
+    from ssl_lightning.modules import ViewNormalisation
+
+    norm = ViewNormalisation(3, owner="Colorization")
+    assert not norm.known
+    with pytest.raises(SSLError, match="Colorization does not know how its images were normalised: give mean and std"):
+        norm.to_raw(torch.zeros(1, 3, 2, 2))
+    norm.read(SimpleNamespace(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5)))
+    assert norm.known and norm.mean.tolist() == pytest.approx([0.5, 0.4, 0.3])
+    raw = torch.rand(2, 3, 4, 4)
+    views = (raw - norm.mean.view(1, -1, 1, 1)) / norm.std.view(1, -1, 1, 1)
+    torch.testing.assert_close(norm.to_raw(views), raw)
+    torch.testing.assert_close(norm.from_raw(0.0).flatten(), torch.tensor([-2.5, -1.6, -0.6]))
+    norm.read(SimpleNamespace(mean=(0.0,) * 3, std=(1.0,) * 3))  # known statistics are kept
+    assert norm.mean.tolist() == pytest.approx([0.5, 0.4, 0.3])
+    # buffers: a checkpoint carries them
+    other = ViewNormalisation(3)
+    other.load_state_dict(norm.state_dict())
+    assert sorted(norm.state_dict()) == ["mean", "std"] and torch.equal(other.std, norm.std)
+
+
+@pytest.mark.parametrize("kw,match", [({"mean": (0.5,), "std": None}, "give both mean and std"),
+                                       ({"mean": (0.5, 0.5), "std": (0.2, 0.2)}, "mean has 2 values for 3-channel"),
+                                       ({"mean": (0.5,) * 3, "std": (0.2, 0.0, 0.2)}, "std must be positive")])
+def test_view_normalisation_bad_statistics(kw, match):
+    from ssl_lightning.modules import ViewNormalisation
+
+    with pytest.raises(SSLError, match=match):
+        ViewNormalisation(3, owner="AutoEncoder", **kw)

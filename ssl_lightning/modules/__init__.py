@@ -4,6 +4,7 @@ from ssl_lightning.modules.kmeans import ClusterAssignments
 from ssl_lightning.modules.memory_bank import MemoryBank
 from ssl_lightning.modules.nce_normaliser import FrozenNormaliser
 from ssl_lightning.modules.noise_targets import NoiseTargets
+from ssl_lightning.modules.normalisation import ViewNormalisation
 
-__all__ = ["FrozenNormaliser", "IndexedBank", "MemoryBank", "NoiseTargets", "gather_rows", "last_occurrence", "cosine_momentum", "ema_update", "momentum_copy"]
-__all__ += ["ClusterAssignments"]
+__all__ = ["ClusterAssignments", "FrozenNormaliser", "IndexedBank", "MemoryBank", "NoiseTargets", "ViewNormalisation",
+           "cosine_momentum", "ema_update", "gather_rows", "last_occurrence", "momentum_copy"]

@@ -29,7 +29,7 @@ class AutoEncoder(ReconstructionMethod):
             raise SSLError(f"{type(self).__name__}: unknown loss {loss!r}: choose one of {', '.join(KINDS)}")
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_unit_range(x) if self.hparams.loss == "bce" else x
+        return self.normalisation.to_raw(x) if self.hparams.loss == "bce" else x
 
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         x = views[0]
@@ -63,7 +63,7 @@ class DenoisingAutoEncoder(AutoEncoder):
     def corrupt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x~, corrupted)``: x with masking noise (the shared builder decides which components), and the bool map."""
         corrupted = masking_noise(torch.ones_like(x), self.hparams.noise, self.generator()) == 0
-        return torch.where(corrupted, self.raw_pixel(0.0).to(x.dtype), x), corrupted
+        return torch.where(corrupted, self.normalisation.from_raw(0.0).to(x.dtype), x), corrupted
 
     def loss(self, feats: list[torch.Tensor], views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         hp, x = self.hparams, views[0]

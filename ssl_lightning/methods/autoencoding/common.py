@@ -2,7 +2,7 @@
 
 Views arrive normalised with the dataset's mean and std (``data.views``), so in their units the dataset mean is 0
 (the context encoder's fill) and a raw pixel value v is ``(v - mean) / std`` (masking noise's 0, the cross-entropy's
-[0, 1] targets). The mean and std are buffers (saved with checkpoints), read from the datamodule in ``setup``.
+[0, 1] targets): :class:`~ssl_lightning.modules.normalisation.ViewNormalisation` keeps them (``self.normalisation``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from ssl_lightning.backbones.feature_maps import forward_features, pool
 from ssl_lightning.decoders import build_decoder
 from ssl_lightning.methods.pretext.common import PretextMethod, running_stats_kept
+from ssl_lightning.modules.normalisation import ViewNormalisation
 from ssl_lightning.registry import SSLError
 
 BOTTLENECKS = ("pooled", "map")
@@ -24,24 +25,23 @@ class ReconstructionMethod(PretextMethod):
         bottleneck: ``"pooled"`` (default): the decoder starts from the pooled backbone features, the representation
             itself (a 1x1 code, as the context encoder's bottleneck); ``"map"``: from the last feature map.
         stage: decode from this backbone stage instead of the last (``feature_maps.stages``), e.g. ``layer3``.
+        mean, std: the per-channel statistics the views were normalised with; None = the datamodule's (needed by the
+            cross-entropy loss and masking noise, which work in raw pixels).
         **kwargs: :class:`~ssl_lightning.methods.pretext.common.PretextMethod` options.
     """
 
-    def __init__(self, image_size: int = 32, bottleneck: str = "pooled", stage: str | None = None, **kwargs) -> None:
+    def __init__(self, image_size: int = 32, bottleneck: str = "pooled", stage: str | None = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if bottleneck not in BOTTLENECKS:
             raise SSLError(f"{type(self).__name__}: unknown bottleneck {bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}")
         channels = self.hparams.in_channels
         self.decoder = build_decoder(self.backbone, channels, image_size, stage=stage, from_pooled=bottleneck == "pooled")
-        self.register_buffer("pixel_mean", torch.zeros(channels))
-        self.register_buffer("pixel_std", torch.ones(channels))
+        self.normalisation = ViewNormalisation(channels, mean, std, owner=type(self).__name__)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        data = getattr(self.trainer, "datamodule", None)
-        if getattr(data, "mean", None) is not None and getattr(data, "std", None) is not None:
-            self.pixel_mean.copy_(torch.as_tensor(data.mean, dtype=torch.float32))
-            self.pixel_std.copy_(torch.as_tensor(data.std, dtype=torch.float32))
+        self.normalisation.read(getattr(self.trainer, "datamodule", None))
 
     def check_images(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != (self.hparams.image_size,) * 2:
@@ -55,10 +55,3 @@ class ReconstructionMethod(PretextMethod):
             fmap = forward_features(self.backbone, x, self.hparams.stage)
         return pool(fmap) if self.hparams.bottleneck == "pooled" else fmap
 
-    def raw_pixel(self, value: float) -> torch.Tensor:
-        """The raw pixel ``value`` (0 = black, 1 = white) in the views' units, per channel, shape (1, C, 1, 1)."""
-        return ((value - self.pixel_mean) / self.pixel_std).view(1, -1, 1, 1)
-
-    def to_unit_range(self, x: torch.Tensor) -> torch.Tensor:
-        """Views back to raw pixels in [0, 1] (the cross-entropy's targets)."""
-        return (x * self.pixel_std.view(1, -1, 1, 1) + self.pixel_mean.view(1, -1, 1, 1)).clamp(0, 1)

@@ -2,7 +2,8 @@
 give the frozen-feature evaluations the same input they were trained on.
 
 * The views come normalised with the dataset's mean / std (the data pipeline's); :meth:`ColourMethod.rgb` undoes
-  it (the statistics are read from the datamodule at set-up and kept as buffers, so checkpoints carry them).
+  it (:class:`~ssl_lightning.modules.normalisation.ViewNormalisation`: read from the datamodule at set-up, in
+  checkpoints).
 * ``forward`` (the online kNN monitor and probe, ``load_module``) converts normalised RGB images to the
   encoder's input space (:func:`~ssl_lightning.pretext.color.network_input`: ``lightness`` or ``lab``).
 * Checkpoints record that space and the encoder's channel count (``checkpoint["ssl_lightning"]["backbone_input"]``,
@@ -13,7 +14,6 @@ give the frozen-feature evaluations the same input they were trained on.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.backbones.feature_maps import stages
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.modules.normalisation import ViewNormalisation
 from ssl_lightning.modules.probe import OnlineLinearProbe
 from ssl_lightning.pretext.color import INPUT_SPACES, bin_counts, lab_inputs, network_input, refuse_gray
 from ssl_lightning.registry import SSLError
@@ -110,8 +111,7 @@ class ColourMethod(SSLMethod):
             self.backbone.compile()
         if self.probe is not None:
             self.probe = OnlineLinearProbe(self.backbone.num_features, self.hparams.num_classes)
-        self.register_buffer("data_mean", torch.tensor(mean if mean is not None else [math.nan] * 3).float())
-        self.register_buffer("data_std", torch.tensor(std if std is not None else [math.nan] * 3).float())
+        self.normalisation = ViewNormalisation(3, mean, std, owner=type(self).__name__)
         self._encoded: dict[str, Any] | None = None
 
     def build_encoder(self) -> nn.Module:
@@ -127,18 +127,14 @@ class ColourMethod(SSLMethod):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
-        if torch.isnan(self.data_mean).any() and getattr(dm, "mean", None) is not None:
+        if getattr(dm, "mean", None) is not None:
             refuse_gray(type(self).__name__, len(dm.mean))
-            self.data_mean.copy_(torch.tensor(dm.mean))
-            self.data_std.copy_(torch.tensor(dm.std))
+        self.normalisation.read(dm)
 
     def rgb(self, x: torch.Tensor) -> torch.Tensor:
         """The views (normalised) back to RGB in [0, 1]."""
-        if torch.isnan(self.data_mean).any():
-            raise SSLError(f"{type(self).__name__} does not know how its images were normalised: give mean and std "
-                           "(the dataset's), or train with an SSLDataModule (they are read from it)")
         refuse_gray(type(self).__name__, x.shape[1])
-        return (x.float() * self.data_std[:, None, None] + self.data_mean[:, None, None]).clamp(0, 1)
+        return self.normalisation.to_raw(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of normalised RGB images, converted to the encoder's input (what kNN / the probe use)."""
