@@ -5,6 +5,7 @@ resume of the stateful ones, and the Wide ResNet backbone."""
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -396,6 +397,18 @@ def test_mean_teacher_resumes_exactly(tmp_path):
     runs = check_resume_is_exact(_seeded(MeanTeacher, num_classes=10), _resume_data(["weak", "weak"]), tmp_path,
                                  perturb=_perturb_everything, default_root_dir=tmp_path)
     assert not torch.equal(runs.resumed.ema_classifier.weight, runs.resumed.classifier.weight)
+
+
+@pytest.mark.parametrize("method,views,stop_at,signum", [
+    ("mean_teacher", ["weak", "weak"], 3, None),            # the periodic mid-epoch save
+    ("temporal_ensembling", ["weak"], 7, None),             # epoch 1, batch 2: the ensemble's epoch in progress
+    ("fixmatch", ["weak", "strong"], 2, signal.SIGTERM)])   # a scheduler's SIGTERM after step 2
+def test_semi_methods_resume_mid_epoch_exactly(method, views, stop_at, signum, tmp_path):
+    """Both streams (labelled, unlabelled) continue at the next batch with the same samples and views."""
+    kwargs = {"rampup_epochs": 1, "num_samples": 40} if method == "temporal_ensembling" else {}
+    runs = check_resume_is_exact(_seeded(METHODS.get(method), num_classes=10, **kwargs), _resume_data(views), tmp_path,
+                                 perturb=_perturb_everything, stop_at=stop_at, signum=signum, default_root_dir=tmp_path)
+    assert runs.checkpoint["SemiSupervisedDataModule"]["train_batches_done"] == stop_at % 5  # 5 steps per epoch
 
 
 def test_method_errors():

@@ -6,7 +6,7 @@ The labelled set is much smaller than the unlabelled one, so its stream cycles: 
 each a new shuffle, each sample with a new augmentation seed per pass (a ``DataLoader`` restarted by
 ``CombinedLoader`` would repeat the same order and views within an epoch). Everything is a function of
 ``(seed, stream, epoch, pass, index)``: views do not depend on the number of loader workers, a run resumed from
-an end-of-epoch checkpoint sees the same samples, and the ``W`` processes of a DDP run together see at each
+any checkpoint sees the same samples (mid-epoch: ``skip`` drops what the interrupted run trained on), and the ``W`` processes of a DDP run together see at each
 step exactly the samples (and views) that one process with ``W`` times the batch sees.
 """
 from __future__ import annotations
@@ -55,10 +55,14 @@ class CyclingSampler(DistributedSampler):
     contiguous run of the global sequence. ``stream`` separates the labelled and the unlabelled streams (an
     image in both gets independent views). A DistributedSampler, so Lightning leaves it in place under DDP
     and calls :meth:`set_epoch` each epoch.
+
+    Resuming (as :class:`~ssl_lightning.data.sampler.SeededSampler`): ``epoch`` is the epoch of the first iteration
+    and ``skip`` drops the first ``skip`` pairs (per process) of that epoch; later epochs are whole. ``len()`` stays
+    the full epoch: Lightning counts the batches of the resumed epoch itself.
     """
 
     def __init__(self, dataset: Dataset, samples_per_replica: int, seed: int = 0, stream: int = 0,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
+                 num_replicas: int | None = None, rank: int | None = None, epoch: int = 0, skip: int = 0) -> None:
         num_replicas = distributed.world_size() if num_replicas is None else num_replicas
         rank = distributed.rank() if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -67,6 +71,8 @@ class CyclingSampler(DistributedSampler):
         self.stream = stream
         self.num_samples = int(samples_per_replica)
         self.total_size = self.num_samples * self.num_replicas
+        self.set_epoch(epoch)
+        self.resume_epoch, self.skip = epoch, skip
 
     def global_keys(self) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's global ``(indices, seeds)``, ``total_size`` of each."""
@@ -82,7 +88,8 @@ class CyclingSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices, seeds = self.global_keys()
         r, w = self.rank, self.num_replicas
-        return iter(zip(indices[r::w].tolist(), seeds[r::w].tolist()))
+        skip = self.skip if self.epoch == self.resume_epoch else 0
+        return iter(zip(indices[r::w][skip:].tolist(), seeds[r::w][skip:].tolist()))
 
     def __len__(self) -> int:
         return self.num_samples

@@ -36,7 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default
 
 from ssl_lightning import distributed
 from ssl_lightning.data.cycle_sampler import CyclingSampler
-from ssl_lightning.data.datamodule import MultiViewDataset, SSLDataModule, TransformDataset, _subset
+from ssl_lightning.data.datamodule import MultiViewDataset, ResumableLoader, SSLDataModule, TransformDataset, _subset
 from ssl_lightning.data.label_split import LabelSplit, make_label_split
 from ssl_lightning.data.semi_views import (StrongAugment, ViewList, WeakAugment, check_augments, strong_transform,
                                            weak_transform)
@@ -271,23 +271,29 @@ class SemiSupervisedDataModule(SSLDataModule):
         return max(labelled, unlabelled, 1)
 
     # ---- loaders --------------------------------------------------------------------------------------------
-    def _stream(self, ds: Dataset, batch: int, steps: int, stream: int, workers: int, **kwargs) -> DataLoader:
-        sampler = CyclingSampler(ds, steps * batch, seed=self.seed, stream=stream)
+    def _stream(self, ds: Dataset, batch: int, steps: int, stream: int, workers: int, epoch: int, done: int,
+                **kwargs) -> DataLoader:
+        sampler = CyclingSampler(ds, steps * batch, seed=self.seed, stream=stream, epoch=epoch, skip=done * batch)
         # an own generator for the workers' base seed (views are seeded per sample): iterating the loader leaves
         # the global RNG alone, so that a resumed run continues with the same global random numbers
-        return DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-                          pin_memory=self.pin_memory, persistent_workers=workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
+        return ResumableLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
+                               pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                               generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def train_dataloader(self) -> CombinedLoader:
+        """The labelled and unlabelled streams, one batch of each per step; resumed mid-epoch from a checkpoint's
+        position (``SSLDataModule.state_dict``), both skip the batches the interrupted run trained on."""
         if self.labelled_set is None:
             self.setup("fit")
         steps = self.steps()
+        epoch, done = self._resume_at or (0, 0)
+        self._resume_at = None  # once: a later fit without ckpt_path starts at epoch 0
         loaders = {"labelled": self._stream(self.labelled_set, self.batch_size, steps, LABELLED_STREAM,
-                                            self.labelled_workers)}
+                                            self.labelled_workers, epoch, done)}
         if self.mu > 0:
             loaders["unlabelled"] = self._stream(self.unlabelled_set, self.mu * self.batch_size, steps,
-                                                 UNLABELLED_STREAM, self.num_workers, collate_fn=collate_unlabelled)
+                                                 UNLABELLED_STREAM, self.num_workers, epoch, done,
+                                                 collate_fn=collate_unlabelled)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
