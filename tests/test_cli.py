@@ -20,7 +20,8 @@ from ssl_lightning.cli import main  # noqa: E402
 from ssl_lightning.methods import SimCLR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*/*.yaml") if p.parent.name != "eval")  # eval: test_evaluation
+CONFIGS = sorted(str(p.relative_to(REPO)) for pattern in ("*/*.yaml", "*/semi/*.yaml")  # eval: test_evaluation
+                 for p in (REPO / "experiments").glob(pattern) if p.parent.name != "eval")
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 QUICK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_model_summary", "false",
          "--trainer.num_sanity_val_steps", "0", "--data.num_workers", "0", "--data.pin_memory", "false"]
@@ -113,7 +114,7 @@ def _standin(dataset: str, root: Path) -> list[str]:
 
 # every method's CIFAR-10 recipe, and the STL-10 / ImageNet-100 data paths with SimCLR and BYOL
 # (the other methods' recipes there differ only in numbers that --print_config already checks)
-STEP_CONFIGS = [c for c in CONFIGS if c.startswith("experiments/cifar10/")
+STEP_CONFIGS = [c for c in CONFIGS if c.startswith("experiments/cifar10/") and "/semi/" not in c
                 or (c.split("/")[1] in ("stl10", "imagenet100") and Path(c).stem in ("simclr", "byol"))]
 
 
@@ -138,6 +139,23 @@ def test_gpu_recipes_run_a_step_on_standins(config, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 1
     assert ckpt["hyper_parameters"]["backbone"] == "resnet18"
+
+
+# the semi-supervised CIFAR-10 recipes (the 4000-label ones differ from these only in data.num_labels, which
+# --print_config checks): a step of the recipe's WRN-28-2 and views on the 40-image stand-in, 1 label per class
+SEMI_STEP_CONFIGS = [c for c in CONFIGS if c.startswith("experiments/cifar10/semi/") and c.endswith("_250.yaml")]
+
+
+@pytest.mark.parametrize("config", SEMI_STEP_CONFIGS)
+def test_semi_supervised_recipes_run_a_step_on_the_standin(config, tmp_path):
+    root, run_dir = tmp_path / "data", tmp_path / "run"
+    standins.write_cifar10(root)
+    run("fit", "--config", str(REPO / config), *QUICK, "--run_dir", str(run_dir), "--trainer.logger", "false",
+        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "1",
+        "--data.root", str(root), "--data.num_labels", "10", "--data.num_val", "10", "--data.batch_size", "2",
+        "--data.eval_batch_size", "4")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["backbone"] == "wide_resnet28_2"
 
 
 def test_short_method_names(capsys):
