@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from ssl_lightning.callbacks import ClusterMonitor, KNNMonitor, PreemptionCheckpoint
 from ssl_lightning.data import SSLDataModule
 from ssl_lightning.methods import SSLMethod
+from ssl_lightning.modules import AllReduceSyncBatchNorm
 from ssl_lightning.registry import SSLError
 
 
@@ -126,6 +128,7 @@ class SSLCLI(LightningCLI):
                 if isinstance(c, PreemptionCheckpoint) and getattr(c, k) is None:
                     setattr(c, k, v)
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        _sync_batchnorm_on_cpu(trainer)
         try:
             return self._instantiate_trainer(trainer, extra)
         except SSLError:
@@ -153,6 +156,17 @@ class SSLCLI(LightningCLI):
         if metrics:
             lines.append("final metrics : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         Console(soft_wrap=True).print("\n".join(lines), highlight=False)
+
+
+def _sync_batchnorm_on_cpu(trainer: dict) -> None:
+    """``sync_batchnorm: true`` on CPU: torch's SyncBatchNorm (Lightning's) refuses CPU tensors at the first step,
+    so the layers get the global-batch statistics from :class:`~ssl_lightning.modules.AllReduceSyncBatchNorm`."""
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if not trainer.get("sync_batchnorm") or not (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
+        return
+    plugins = trainer.get("plugins") or []
+    trainer["sync_batchnorm"] = False
+    trainer["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AllReduceSyncBatchNorm()]
 
 
 def _steps_aside(callback, trainer: dict, given: list) -> bool:

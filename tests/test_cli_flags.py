@@ -115,3 +115,15 @@ def test_refused_settings_are_one_error_line(flags, message, tmp_path, monkeypat
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert info.value.code == 2 and len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err
+
+
+def test_sync_batchnorm_on_cpu_uses_the_all_reduce_layers(tmp_path, monkeypatch):
+    """torch's SyncBatchNorm refuses CPU tensors; on CPU the CLI gives the layers global-batch statistics with
+    AllReduceSyncBatchNorm instead (the 2-process equality: tests/test_ddp.py)."""
+    from ssl_lightning.cli import SSLCLI
+    from ssl_lightning.modules import AllReduceSyncBatchNorm
+
+    monkeypatch.chdir(tmp_path)
+    cli = SSLCLI(run=False, args=["--model", "simclr", "--data.dataset", "synthetic", "--trainer.accelerator", "cpu",
+                                  "--trainer.sync_batchnorm", "true", "--trainer.logger", "false", "--run_dir", "run"])
+    assert isinstance(cli.trainer._accelerator_connector._layer_sync, AllReduceSyncBatchNorm)

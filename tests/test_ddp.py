@@ -625,8 +625,8 @@ def test_deepcluster_ddp_features_and_labels_equal_one_process_on_the_whole_data
 # ---- semi-supervised: FixMatch's confidence mask and loss, MixMatch's label guess and loss -----------------
 # Both are per-sample means without a gather: with equal batches per process, DDP's averaged gradients and the
 # mean of the per-process losses must equal one process on the global batch, and the masks / guesses its rows.
-# (BatchNorm's statistics are per process unless trainer.sync_batchnorm converts the layers to SyncBatchNorm,
-# which refuses CPU tensors in this torch: the models here are norm-free, as everywhere in this file.)
+# (BatchNorm's statistics are per process unless the layers are synchronised: norm-free models here, BatchNorm
+# ones with AllReduceSyncBatchNorm below.)
 SEMI_B, SEMI_MU, SEMI_CLASSES = 4, 2, 5
 
 
@@ -698,6 +698,78 @@ def scenario_semi(rank: int, world: int, out: Path) -> dict:
 
 
 SCENARIOS["semi"] = scenario_semi
+
+
+# ---- the same with BatchNorm: AllReduceSyncBatchNorm (trainer.sync_batchnorm on CPU) ------------------------
+# FixMatch's one forward over labelled + weak + strong and MixMatch's label-guess passes normalise with batch
+# statistics; with the layers synchronised, the global batch's statistics (hence masks, guesses, loss, gradients
+# and the running statistics) are one process's. (MixMatch's mixed batches are interleaved per process, so its
+# whole objective is compared norm-free above.)
+def build_semi_bn(name: str) -> nn.Module:
+    """FixMatch / MixMatch on the ConvNet with BatchNorm; FixMatch's threshold between the 8th and 9th of the 16
+    weak-view confidences of the global batch (so that the mask keeps some and drops some)."""
+    import copy
+
+    from ssl_lightning.methods import FixMatch, MixMatch
+
+    torch.manual_seed(0)
+    cls = FixMatch if name == "fixmatch" else MixMatch
+    model = cls(backbone="convnet", backbone_kwargs={"width": 8}, in_channels=1, num_classes=SEMI_CLASSES,
+                ema_decay=None)
+    with torch.no_grad():
+        model.classifier.weight.mul_(30)
+    model.unlabelled_weight = lambda: 1.0
+    if name == "fixmatch":
+        from ssl_lightning.methods.semi_supervised import SemiBatch
+
+        x, y, views = semi_batch()
+        batch = SemiBatch(x, y, torch.arange(x.shape[0]), views, torch.arange(views[0].shape[0]))
+        copy.deepcopy(model).objective(batch)  # fills batch.view_logits
+        conf = torch.sort(torch.softmax(batch.view_logits[0].detach(), 1).max(1).values).values
+        model.hparams.threshold = float(conf[7] + conf[8]) / 2
+    return model
+
+
+def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers() if "running" in n or "num_batches" in n}
+
+
+def scenario_semi_bn(rank: int, world: int, out: Path) -> dict:
+    from ssl_lightning.modules import AllReduceSyncBatchNorm
+
+    results = {}
+    for name in ("fixmatch", "mixmatch"):
+        model = AllReduceSyncBatchNorm().apply(build_semi_bn(name))
+        ddp = torch.nn.parallel.DistributedDataParallel(SemiStep(model))
+        loss, rows, labels = ddp(*semi_batch(rank))
+        loss.backward()
+        results[name] = {"loss": loss.detach(), "rows": rows, "labels": labels, "grads": grads(model),
+                         "buffers": bn_buffers(model)}
+    return results
+
+
+SCENARIOS["semi_bn"] = scenario_semi_bn
+
+
+def test_all_reduce_batchnorm_ddp_equals_one_process_on_the_global_batch(ddp):
+    fixmatch, mixmatch = build_semi_bn("fixmatch"), build_semi_bn("mixmatch")
+    loss, rows, labels = SemiStep(fixmatch)(*semi_batch())
+    loss.backward()
+    per_rank = [res["fixmatch"] for res in ddp("semi_bn")]
+    assert 0 < rows.sum() < rows.numel()
+    torch.testing.assert_close(torch.cat([r["rows"] for r in per_rank]), rows)
+    torch.testing.assert_close(torch.cat([r["labels"] for r in per_rank]), labels)
+    torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, loss.detach(), atol=1e-6, rtol=1e-5)
+    ref, scale = grads(fixmatch), float(max(g.abs().max() for g in grads(fixmatch).values()))
+    buffers = bn_buffers(fixmatch)
+    assert any(not torch.equal(b, torch.zeros_like(b)) for n, b in buffers.items() if "mean" in n)
+    for res in per_rank:
+        _assert_close_dicts(res["grads"], ref, atol=1e-5 * scale, rtol=1e-4, what="FixMatch with BN")
+        _assert_close_dicts(res["buffers"], buffers, atol=1e-6, rtol=1e-5, what="BN running statistics")
+    # MixMatch: the label guess of the global batch (its passes use batch statistics, leave running ones alone)
+    _, guess, _ = SemiStep(mixmatch)(*semi_batch())
+    got = torch.cat([res["mixmatch"]["rows"] for res in ddp("semi_bn")])
+    torch.testing.assert_close(got, guess, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["fixmatch", "mixmatch"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import math
 
 import pytest
@@ -269,3 +270,25 @@ def test_view_normalisation_bad_statistics(kw, match):
 
     with pytest.raises(SSLError, match=match):
         ViewNormalisation(3, owner="AutoEncoder", **kw)
+
+
+# ---- AllReduceSyncBatchNorm: in place, reversible, the plain layer outside a process group -----------------------
+def test_all_reduce_sync_batchnorm_swaps_classes_in_place_and_back():
+    from ssl_lightning.modules import AllReduceBatchNorm, AllReduceSyncBatchNorm, frozen_bn_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 6), nn.BatchNorm1d(6))
+    plain = copy.deepcopy(model)
+    params = [id(p) for p in model.parameters()]
+    AllReduceSyncBatchNorm().apply(model)
+    assert isinstance(model[1], AllReduceBatchNorm) and isinstance(model[1], nn.BatchNorm2d)
+    assert isinstance(model[4], AllReduceBatchNorm) and isinstance(model[4], nn.BatchNorm1d)
+    assert [id(p) for p in model.parameters()] == params  # the same modules: optimizers and EMA copies unaffected
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(model(x), plain(x))  # one process: the plain layer
+    torch.testing.assert_close(model[1].running_mean, plain[1].running_mean)
+    with frozen_bn_stats(model):
+        model(x)
+    torch.testing.assert_close(model[1].running_var, plain[1].running_var)
+    AllReduceSyncBatchNorm().revert(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[4]) is nn.BatchNorm1d

@@ -1,6 +1,6 @@
 """Shared pieces of semi-supervised learning, each a plain function (or a small stateful module):
 schedules, confidence masks, sharpening, MixUp, interleaving, unlabelled losses, the temporal ensemble."""
-from ssl_lightning.semi.batchnorm import frozen_bn_stats
+from ssl_lightning.modules.batchnorm import frozen_bn_stats
 from ssl_lightning.semi.consistency import entropy, kl_consistency, masked_cross_entropy, softmax_mse
 from ssl_lightning.semi.ensemble import TemporalEnsemble
 from ssl_lightning.semi.interleave import deinterleave, interleave, interleave_offsets

@@ -10,7 +10,8 @@ import torch
 
 from ssl_lightning.backbones.feature_maps import forward_features, pool
 from ssl_lightning.decoders import build_decoder
-from ssl_lightning.methods.pretext.common import PretextMethod, running_stats_kept
+from ssl_lightning.methods.pretext.common import PretextMethod
+from ssl_lightning.modules.batchnorm import frozen_bn_stats
 from ssl_lightning.modules.normalisation import ViewNormalisation
 from ssl_lightning.registry import SSLError
 
@@ -51,7 +52,7 @@ class ReconstructionMethod(PretextMethod):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The code the decoder reads: pooled features or the feature map of ``x``. BatchNorm's running statistics are
         left to the clean images of the base class's pass (the evaluations normalise with them)."""
-        with running_stats_kept(self.backbone):
+        with frozen_bn_stats(self.backbone):
             fmap = forward_features(self.backbone, x, self.hparams.stage)
         return pool(fmap) if self.hparams.bottleneck == "pooled" else fmap
 

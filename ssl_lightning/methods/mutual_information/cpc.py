@@ -10,8 +10,9 @@ from torch import nn
 from ssl_lightning.backbones.feature_maps import forward_features, pool, stage as backbone_stage
 from ssl_lightning.losses.mutual_information.cpc import cpc_infonce
 from ssl_lightning.methods.mutual_information.context_network import ContextNetwork
-from ssl_lightning.methods.pretext.common import PretextMethod, encode_pieces, running_stats_kept
+from ssl_lightning.methods.pretext.common import PretextMethod, encode_pieces
 from ssl_lightning.methods.registry import METHODS
+from ssl_lightning.modules.batchnorm import frozen_bn_stats
 from ssl_lightning.pretext.patch_grid import augment_patches, patch_grid
 from ssl_lightning.registry import SSLError
 
@@ -31,7 +32,7 @@ class CPC(PretextMethod):
     CPC v2's LayerNorm (batch statistics let patches see each other) is the backbone's: build it with
     ``backbone_kwargs: {norm: layer}`` (ConvNet and ResNets). A BatchNorm backbone still works (CPC v1): the patches
     are normalised with their batch's statistics, the running statistics are left to the whole images that the
-    kNN and probes see (:func:`~ssl_lightning.methods.pretext.common.running_stats_kept`).
+    kNN and probes see (:func:`~ssl_lightning.modules.batchnorm.frozen_bn_stats`).
 
     Args:
         patch, stride: patch side and step in pixels (the paper: 64 and 32 on 256 px images, a 7 x 7 grid);
@@ -73,7 +74,7 @@ class CPC(PretextMethod):
         if hp.stage is None:
             z = encode_pieces(self.backbone, pieces, "CPC", "use larger patches, or set patch_size to upsample them")
         else:
-            with running_stats_kept(self.backbone):
+            with frozen_bn_stats(self.backbone):
                 z = pool(forward_features(self.backbone, pieces, hp.stage))
         return z.view(*grid.shape[:3], -1)
 

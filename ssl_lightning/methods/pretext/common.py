@@ -16,8 +16,6 @@ backbone features (the evaluated representation) must themselves encode where in
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from torch import nn
 
 from ssl_lightning.backbones.feature_maps import forward_features
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.modules.batchnorm import frozen_bn_stats
 from ssl_lightning.pretext.sampling import cpu_generator
 from ssl_lightning.registry import SSLError
 
@@ -53,33 +52,13 @@ class PretextMethod(SSLMethod):
         return torch.Generator().manual_seed(seed)
 
 
-@contextmanager
-def running_stats_kept(module: nn.Module) -> Iterator[None]:
-    """Inside: BatchNorm layers of ``module`` in training mode normalise with the batch's statistics as usual, but
-    update throw-away copies of their running statistics (mean, var, batch count); the originals are put back
-    unchanged (swapped, not copied back: autograd holds the copies the forward pass updated in place)."""
-    names = ("running_mean", "running_var", "num_batches_tracked")
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.training and m.track_running_stats]
-    saved = [{n: getattr(m, n) for n in names} for m in norms]
-    for m, buffers in zip(norms, saved):
-        for n, t in buffers.items():
-            setattr(m, n, t.clone())
-    try:
-        yield
-    finally:
-        for m, buffers in zip(norms, saved):
-            for n, t in buffers.items():
-                setattr(m, n, t)
-
-
 def encode_pieces(backbone: nn.Module, pieces: torch.Tensor, who: str, fix: str, map_side: int = 0) -> torch.Tensor:
     """The backbone on tiles or patches (n, C, s, s), BatchNorm's running statistics kept for whole images
-    (:func:`running_stats_kept`): the pooled ``backbone(pieces)`` (n, D) for ``map_side`` 0, else the last feature map
+    (:func:`~ssl_lightning.modules.batchnorm.frozen_bn_stats`): the pooled ``backbone(pieces)`` (n, D) for ``map_side`` 0, else the last feature map
     average-pooled to ``map_side x map_side`` and flattened (n, D * map_side^2). A clear error when the pieces are
     too small for the backbone's downsampling (e.g. the small ConvNet's three 2x poolings need at least 8 px)."""
     try:
-        with running_stats_kept(backbone):
+        with frozen_bn_stats(backbone):
             if map_side == 0:
                 return backbone(pieces)
             return F.adaptive_avg_pool2d(forward_features(backbone, pieces), map_side).flatten(1)
