@@ -6,8 +6,9 @@ The labelled set is much smaller than the unlabelled one, so its stream cycles: 
 each a new shuffle, each sample with a new augmentation seed per pass (a ``DataLoader`` restarted by
 ``CombinedLoader`` would repeat the same order and views within an epoch). Everything is a function of
 ``(seed, stream, epoch, pass, index)``: views do not depend on the number of loader workers, a run resumed from
-any checkpoint sees the same samples (mid-epoch: ``skip`` drops what the interrupted run trained on), and the ``W`` processes of a DDP run together see at each
-step exactly the samples (and views) that one process with ``W`` times the batch sees.
+any checkpoint sees the same samples (mid-epoch: ``skip`` drops what the interrupted run trained on), and the
+``W`` processes of a DDP run together see at each step exactly the samples (and views) that one process with ``W``
+times the batch sees.
 """
 from __future__ import annotations
 
