@@ -4,7 +4,8 @@ briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and repo
 
 * kNN top-1 (k 200, T 0.1) of the random-init and of the trained backbone, bank = training images, queries =
   held-out images (the learning check's protocol, ``ssl_lightning.evaluation.learning``);
-* for SplitBrain also the kNN of each half's features alone (trained, and at a fresh random init of seed 0);
+* for SplitBrain also the kNN of each half's features alone and of both, with the last map and with every stage's map
+  pooled (trained, and at a fresh random init of seed 0);
 * the held-out loss of the trained model against the prior-only baseline (predicting the training images'
   empirical bin distribution at every position): Colorization's rebalanced loss and its unweighted
   cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
