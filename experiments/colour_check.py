@@ -4,7 +4,8 @@ briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and repo
 
 * kNN top-1 (k 200, T 0.1) of the random-init and of the trained backbone, bank = training images, queries =
   held-out images (the learning check's protocol, ``ssl_lightning.evaluation.learning``);
-* for SplitBrain also the kNN of each half's features alone (trained, and at a fresh random init of seed 0);
+* for SplitBrain also the kNN of each half's features alone and of both, with the last map and with every stage's map
+  pooled (trained, and at a fresh random init of seed 0);
 * the held-out loss of the trained model against the prior-only baseline (predicting the training images'
   empirical bin distribution at every position): Colorization's rebalanced loss and its unweighted
   cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
@@ -16,7 +17,10 @@ lose hue information that random features kept.
 
     python experiments/colour_check.py colorization:10 split_brain:10
 Writes experiments/results/colour_check/{results.json,table.md} and colorized.png (held-out images, their L,
-Colorization's annealed-mean colorization).
+Colorization's annealed-mean colorization). A variant: ``--variant NAME`` and CLI overrides after ``--``, written
+to ``results/colour_check/variants/<method>.<NAME>.json`` (not in results.json)::
+
+    python experiments/colour_check.py split_brain:5 --variant lr5e-4 -- --model.init_args.lr 5e-4
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ssl_lightning.backbones.feature_maps import feature_maps, pool, stages
 from ssl_lightning.evaluation.knn import weighted_knn
 from ssl_lightning.evaluation.learning import learning_check
 from ssl_lightning.losses.pretext.colorization import colorization_loss
@@ -126,11 +131,16 @@ def _knn(encode, dm) -> float:
 
 
 def split_brain_halves(model: SplitBrain, dm) -> dict[str, float]:
-    """kNN of each half's features alone and of both, trained and at a fresh random init (seed 0)."""
+    """kNN of each half's features alone and of both, trained and at a fresh random init (seed 0): the pooled
+    output (``knn_{l_half,ab_half,both}_{tag}``, what the learning check evaluates), and every stage's map
+    average-pooled (``knn_{...}_{stage}_{tag}``: which layer keeps the class), and both halves' pooled outputs
+    each L2-normalised before the concatenation (``knn_both_balanced_{tag}``: neither half outweighs the other
+    in the cosine)."""
     L.seed_everything(0)
     fresh = type(model)(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})  # not the CLI's _class_path
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "backbone" not in k and "head" not in k},
                           strict=False)  # the data statistics (buffers), not the weights
+    names = [s.name for s in stages(model.backbone.l_net)]
     out = {}
     for tag, m in (("trained", model), ("random_init", fresh)):
         m.eval()
@@ -138,6 +148,14 @@ def split_brain_halves(model: SplitBrain, dm) -> dict[str, float]:
         out[f"knn_l_half_{tag}"] = _knn(lambda x, m=m: m.backbone.l_net(lab(x)[:, :1]), dm)
         out[f"knn_ab_half_{tag}"] = _knn(lambda x, m=m: m.backbone.ab_net(lab(x)[:, 1:]), dm)
         out[f"knn_both_{tag}"] = _knn(m, dm)
+        out[f"knn_both_balanced_{tag}"] = _knn(lambda x, m=m: torch.cat(
+            [F.normalize(m.backbone.l_net(lab(x)[:, :1]), dim=1), F.normalize(m.backbone.ab_net(lab(x)[:, 1:]), dim=1)], 1), dm)
+        for name in names:
+            l_feat = lambda x, m=m, n=name: pool(feature_maps(m.backbone.l_net, lab(x)[:, :1], upto=n)[n])  # noqa: E731
+            ab_feat = lambda x, m=m, n=name: pool(feature_maps(m.backbone.ab_net, lab(x)[:, 1:], upto=n)[n])  # noqa: E731
+            out[f"knn_l_half_{name}_{tag}"] = _knn(l_feat, dm)
+            out[f"knn_ab_half_{name}_{tag}"] = _knn(ab_feat, dm)
+            out[f"knn_both_{name}_{tag}"] = _knn(lambda x, f=l_feat, g=ab_feat: torch.cat([f(x), g(x)], 1), dm)
     return out
 
 
@@ -164,10 +182,29 @@ def table(results: dict) -> str:
                  "| features | random init | trained |", "|---|---|---|"]
         rows += [f"| {name} | {m[f'knn_{key}_random_init']:.4f} | {m[f'knn_{key}_trained']:.4f} |"
                  for name, key in (("L half (L -> ab)", "l_half"), ("ab half (ab -> L)", "ab_half"), ("both", "both"))]
+        if "knn_both_balanced_trained" in m:
+            rows.append(f"| both, each half L2-normalised | {m['knn_both_balanced_random_init']:.4f} | "
+                        f"{m['knn_both_balanced_trained']:.4f} |")
+        for stage in sorted({k[len("knn_both_"):-len("_trained")] for k in m
+                             if k.startswith("knn_both_") and k.endswith("_trained")} - {"", "balanced"}):
+            rows += [f"| {name}, {stage} pooled | {m[f'knn_{key}_{stage}_random_init']:.4f} | "
+                     f"{m[f'knn_{key}_{stage}_trained']:.4f} |" for name, key in (("L half", "l_half"), ("ab half", "ab_half"), ("both", "both"))]
     return "\n".join(rows) + "\n"
 
 
-def main(specs: list[str]) -> None:
+def parse(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """``specs [--variant NAME] [-- CLI overrides]`` -> (specs, variant, overrides)."""
+    argv, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    variant = None
+    if "--variant" in argv:
+        i = argv.index("--variant")
+        variant, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if overrides and variant is None:
+        raise SystemExit("CLI overrides need --variant NAME (so that they do not overwrite results.json)")
+    return argv, variant, overrides
+
+
+def main(specs: list[str], variant: str | None = None, overrides: list[str] | None = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
@@ -175,15 +212,26 @@ def main(specs: list[str]) -> None:
         method, _, epochs = spec.partition(":")
         config = HERE / "synthetic_colour" / f"{method}.yaml"
         with tempfile.TemporaryDirectory() as run_dir:
-            r = learning_check(str(config), int(epochs or 10), run_dir, TRAIN, EVAL, VAL, after_fit=HELDOUT[method])
-        results[method] = {**asdict(r), "config": f"experiments/synthetic_colour/{method}.yaml", "gain": r.gain}
-        print(f"{method}: kNN {r.knn_random_init:.4f} -> {r.knn_trained:.4f} ({r.epochs} epochs, {r.seconds:.0f} s); "
+            r = learning_check(str(config), int(epochs or 10), run_dir, TRAIN, EVAL, VAL, extra_args=overrides,
+                               after_fit=HELDOUT[method])
+        record = {**asdict(r), "config": f"experiments/synthetic_colour/{method}.yaml", "gain": r.gain}
+        print(f"{method}{'.' + variant if variant else ''}: kNN {r.knn_random_init:.4f} -> {r.knn_trained:.4f} "
+              f"({r.epochs} epochs, {r.seconds:.0f} s) {' '.join(overrides or [])}; "
               + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k.startswith("heldout")), flush=True)
+        if variant is not None:  # beside the results, not in them
+            record["overrides"] = overrides
+            (OUT / "variants").mkdir(exist_ok=True)
+            (OUT / "variants" / f"{method}.{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
+            print("\n" + table({method: record}))
+            continue
+        results[method] = record
         path.write_text(json.dumps(results, indent=2) + "\n")
-    (OUT / "table.md").write_text(table(results))
-    print("\n" + table(results))
+    if variant is None:
+        (OUT / "table.md").write_text(table(results))
+        print("\n" + table(results))
 
 
 if __name__ == "__main__":
-    specs, sys.argv = sys.argv[1:], sys.argv[:1]  # the CLI inside reads only its own arguments
-    main(specs or ["colorization:10", "split_brain:10"])
+    args, sys.argv = sys.argv[1:], sys.argv[:1]  # the CLI inside reads only its own arguments
+    specs, variant, overrides = parse(args)
+    main(specs or ["colorization:10", "split_brain:10"], variant, overrides)

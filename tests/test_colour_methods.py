@@ -226,6 +226,23 @@ def test_synthetic_colour_hues_of_a_shape_are_isoluminant():
         assert abs(lab[a][:, 0][fg[a]].mean() - lab[b][:, 0][fg[b]].mean()) < 0.3  # the same lightness (up to 8-bit rounding)
 
 
+def test_synthetic_colour_hue_lightness_step_makes_the_second_hue_lighter():
+    """The diagnostic option (split-brain's ab -> L task then needs the hue): the second hue of each shape is
+    ``step`` lighter, its chroma and hue unchanged; the default images are the isoluminant ones, bit for bit."""
+    kw = dict(size=200, image_size=SIZE, noise=0.0)
+    plain, stepped = load_synthetic_colour("", "train", **kw), load_synthetic_colour("", "train", hue_lightness_step=10.0, **kw)
+    assert torch.equal(plain.images, load_synthetic_colour("", "train", hue_lightness_step=0.0, **kw).images)
+    assert torch.equal(plain.targets, stepped.targets)
+    lab_p, lab_s = rgb_to_lab(plain.images.float() / 255), rgb_to_lab(stepped.images.float() / 255)
+    fg = (lab_p[:, 0] - 65).abs() < 1.5  # the shapes' pixels in the isoluminant images (same masks in both)
+    for label in range(10):
+        sel = plain.targets == label
+        l_fg = lab_s[sel][:, 0][fg[sel]].mean()
+        assert abs(l_fg - (65 + 10 * (label % 2))) < 0.5
+        ab_p, ab_s = (lab[sel].permute(1, 0, 2, 3)[1:, fg[sel]].mean(1) for lab in (lab_p, lab_s))
+        assert (ab_p - ab_s).norm() < 1.0  # the same hue and chroma (in gamut: no clipping)
+
+
 # ---- Lightning: one step (with the kNN monitor), the prior in checkpoints, evaluation ------------------------------
 @pytest.mark.parametrize("name", ["colorization", "split_brain"])
 def test_one_lightning_step_and_evaluation_path(name, tmp_path):

@@ -180,19 +180,23 @@ def _shape_masks(shape: str, size: int, centres: torch.Tensor, radii: torch.Tens
 
 
 def load_synthetic_colour(root: str, split: str, download: bool = False, size: int = 2048, image_size: int = 32,
-                          lightness: float = 65.0, chroma: float = 35.0, noise: float = 0.03, seed: int = 0) -> ArrayDataset:
+                          lightness: float = 65.0, chroma: float = 35.0, noise: float = 0.03, seed: int = 0,
+                          hue_lightness_step: float = 0.0) -> ArrayDataset:
     """Colour carries information: 10 classes = 5 shapes x 2 hues. Shape ``s`` is drawn in the hue at angle
     ``36 s`` or ``36 s + 180`` degrees (CIE Lab, lightness 65, chroma 35, all in the sRGB gamut: the two hues of a shape have the same
     L, so the gray image cannot tell them apart: an L-only representation tops out at 50%), at a random position
     and size, on a gray background of random lightness, plus Gaussian pixel noise. Since each shape has its own
-    pair of hues, the colours are partly predictable from the gray image (what colorization learns)."""
+    pair of hues, the colours are partly predictable from the gray image (what colorization learns).
+    ``hue_lightness_step`` > 0 (a diagnostic, not the default): the second hue of each pair is drawn that much
+    lighter (L = lightness + step, keep it in gamut: <= 10 at chroma 35), so the hue predicts the shape's lightness
+    and the gray image tells the two hues apart (split-brain's ab -> L task then needs the hue)."""
     from ssl_lightning.pretext.color import lab_to_rgb
 
     g = torch.Generator().manual_seed(seed + {"train": 1, "val": 2}[split])
     labels = torch.randint(2 * len(SHAPES), (size,), generator=g)
     shape, second = labels // 2, labels % 2
     angle = torch.deg2rad(36.0 * shape + 180.0 * second)
-    fg = torch.stack([torch.full((size,), lightness), chroma * angle.cos(), chroma * angle.sin()], 1)
+    fg = torch.stack([lightness + hue_lightness_step * second, chroma * angle.cos(), chroma * angle.sin()], 1)
     bg_l = torch.where(torch.rand(size, generator=g) < 0.5, 15 + 25 * torch.rand(size, generator=g),
                        85 + 10 * torch.rand(size, generator=g))  # clearly darker or lighter than the shape
     bg = torch.stack([bg_l, torch.zeros(size), torch.zeros(size)], 1)

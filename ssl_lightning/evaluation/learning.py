@@ -15,7 +15,7 @@ class LearningCheck:
     knn_trained: float
     probe_trained: float
     seconds: float
-    metrics: dict[str, float] = field(default_factory=dict)  # every val/ metric after training
+    metrics: dict[str, float] = field(default_factory=dict)  # every val/ metric after training, the last step's train/
 
     @property
     def gain(self) -> float:
@@ -45,4 +45,4 @@ def learning_check(config: str, epochs: int, run_dir: str, train_subset: int = 5
     extra = after_fit(cli.model, cli.datamodule) if after_fit is not None else {}
     return LearningCheck(config, epochs, float(knn.initial_accuracy), float(metrics["val/knn_top1"]),
                          float(metrics.get("val/probe_top1", float("nan"))), time.time() - start,
-                         {k: float(v) for k, v in metrics.items() if k.startswith("val/")} | extra)
+                         {k: float(v) for k, v in metrics.items() if k.startswith(("val/", "train/"))} | extra)
