@@ -32,7 +32,8 @@ SGD = [M + "optimizer", "sgd", M + "lr", "0.03", M + "momentum", "0.9", M + "nes
        M + "weight_decay", "5e-4", M + "lr_schedule", "fixmatch"]
 #: variant -> CLI overrides on top of the benchmark's arguments for the MixMatch config
 VARIANTS: dict[str, list[str]] = {
-    "config": [],
+    "config": [],  # the config as it stands (lambda_u 10 since the i15-mixmatch change; 75 before)
+    "lambda_u75": [M + "lambda_u", "75"],  # the paper's weight
     "lambda_u0": [M + "lambda_u", "0"],
     "alpha0": [M + "alpha", "0"],
     "lambda_u0_alpha0": [M + "lambda_u", "0", M + "alpha", "0"],
