@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ssl_lightning.backbones.feature_maps import feature_maps, pool, stages
 from ssl_lightning.evaluation.knn import weighted_knn
-from ssl_lightning.evaluation.learning import learning_check
+from ssl_lightning.evaluation.learning import learning_check, parse_variant_args
 from ssl_lightning.losses.pretext.colorization import colorization_loss
 from ssl_lightning.methods import Colorization, SplitBrain
 from ssl_lightning.methods.pretext.colour import subsample
@@ -192,18 +192,6 @@ def table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def parse(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    """``specs [--variant NAME] [-- CLI overrides]`` -> (specs, variant, overrides)."""
-    argv, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    variant = None
-    if "--variant" in argv:
-        i = argv.index("--variant")
-        variant, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    if overrides and variant is None:
-        raise SystemExit("CLI overrides need --variant NAME (so that they do not overwrite results.json)")
-    return argv, variant, overrides
-
-
 def main(specs: list[str], variant: str | None = None, overrides: list[str] | None = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
@@ -233,5 +221,5 @@ def main(specs: list[str], variant: str | None = None, overrides: list[str] | No
 
 if __name__ == "__main__":
     args, sys.argv = sys.argv[1:], sys.argv[:1]  # the CLI inside reads only its own arguments
-    specs, variant, overrides = parse(args)
+    specs, variant, overrides = parse_variant_args(args)
     main(specs or ["colorization:10", "split_brain:10"], variant, overrides)

@@ -17,22 +17,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from ssl_lightning.evaluation.learning import learning_check
+from ssl_lightning.evaluation.learning import learning_check, parse_variant_args
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "learning_check"
-
-
-def parse(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    """``specs [--variant NAME] [-- CLI overrides]`` -> (specs, variant, overrides)."""
-    argv, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    variant = None
-    if "--variant" in argv:
-        i = argv.index("--variant")
-        variant, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    if overrides and variant is None:
-        raise SystemExit("CLI overrides need --variant NAME (so that they do not overwrite the config's JSON)")
-    return argv, variant, overrides
 
 
 def main(specs: list[str], variant: str | None = None, overrides: list[str] | None = None) -> None:
@@ -60,5 +48,5 @@ def main(specs: list[str], variant: str | None = None, overrides: list[str] | No
 
 if __name__ == "__main__":
     args, sys.argv = sys.argv[1:], sys.argv[:1]  # the CLI inside reads only its own arguments
-    specs, variant, overrides = parse(args)
+    specs, variant, overrides = parse_variant_args(args)
     main(specs or ["simclr:3", "byol:6"], variant, overrides)

@@ -46,3 +46,16 @@ def learning_check(config: str, epochs: int, run_dir: str, train_subset: int = 5
     return LearningCheck(config, epochs, float(knn.initial_accuracy), float(metrics["val/knn_top1"]),
                          float(metrics.get("val/probe_top1", float("nan"))), time.time() - start,
                          {k: float(v) for k, v in metrics.items() if k.startswith(("val/", "train/"))} | extra)
+
+
+def parse_variant_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """The benchmark scripts' ``specs [--variant NAME] [-- CLI overrides]`` -> (specs, variant, overrides); overrides
+    need a variant name, so that they never overwrite the table's results."""
+    argv, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    variant = None
+    if "--variant" in argv:
+        i = argv.index("--variant")
+        variant, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if overrides and variant is None:
+        raise SystemExit("CLI overrides need --variant NAME (so that they do not overwrite the table's results)")
+    return argv, variant, overrides
