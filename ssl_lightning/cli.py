@@ -162,7 +162,8 @@ def _sync_batchnorm_on_cpu(trainer: dict) -> None:
     """``sync_batchnorm: true`` on CPU: torch's SyncBatchNorm (Lightning's) refuses CPU tensors at the first step,
     so the layers get the global-batch statistics from :class:`~ssl_lightning.modules.AllReduceSyncBatchNorm`."""
     accelerator = str(trainer.get("accelerator") or "auto")
-    if not trainer.get("sync_batchnorm") or not (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not trainer.get("sync_batchnorm") or not on_cpu:
         return
     plugins = trainer.get("plugins") or []
     trainer["sync_batchnorm"] = False

@@ -7,5 +7,5 @@ from ssl_lightning.modules.nce_normaliser import FrozenNormaliser
 from ssl_lightning.modules.noise_targets import NoiseTargets
 from ssl_lightning.modules.normalisation import ViewNormalisation
 
-__all__ = ["AllReduceBatchNorm", "AllReduceSyncBatchNorm", "ClusterAssignments", "FrozenNormaliser", "IndexedBank", "MemoryBank", "NoiseTargets", "ViewNormalisation",
-           "cosine_momentum", "ema_update", "frozen_bn_stats", "gather_rows", "last_occurrence", "momentum_copy"]
+__all__ = ["AllReduceBatchNorm", "AllReduceSyncBatchNorm", "ClusterAssignments", "FrozenNormaliser", "IndexedBank",
+           "MemoryBank", "NoiseTargets", "ViewNormalisation", "cosine_momentum", "ema_update", "frozen_bn_stats", "gather_rows", "last_occurrence", "momentum_copy"]

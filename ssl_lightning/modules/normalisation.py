@@ -42,7 +42,8 @@ class ViewNormalisation(nn.Module):
             return torch.full((channels,), math.nan)
         t = torch.as_tensor(values, dtype=torch.float32).flatten()
         if t.numel() != channels:
-            raise SSLError(f"{self.owner}: {name} has {t.numel()} values for {channels}-channel images: give one per channel")
+            raise SSLError(f"{self.owner}: {name} has {t.numel()} values for {channels}-channel images: give one per "
+                           "channel")
         return t
 
     @property
