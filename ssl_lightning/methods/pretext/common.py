@@ -55,8 +55,7 @@ class PretextMethod(SSLMethod):
 def encode_pieces(backbone: nn.Module, pieces: torch.Tensor, who: str, fix: str, map_side: int = 0) -> torch.Tensor:
     """The backbone on tiles or patches (n, C, s, s), BatchNorm's running statistics kept for whole images
     (:func:`~ssl_lightning.modules.batchnorm.frozen_bn_stats`): the pooled ``backbone(pieces)`` (n, D) for ``map_side``
-    0, else the last feature map
-    average-pooled to ``map_side x map_side`` and flattened (n, D * map_side^2). A clear error when the pieces are
+    0, else the last feature map average-pooled to ``map_side x map_side`` and flattened (n, D * map_side^2). A clear error when the pieces are
     too small for the backbone's downsampling (e.g. the small ConvNet's three 2x poolings need at least 8 px)."""
     try:
         with frozen_bn_stats(backbone):
