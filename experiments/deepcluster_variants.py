@@ -12,38 +12,23 @@ from __future__ import annotations
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from ssl_lightning.callbacks import KNNMonitor
 from ssl_lightning.evaluation.learning import learning_check
 
-CONFIG = Path(__file__).resolve().parent / "fashion_mnist" / "deepcluster.yaml"
-
-
-def print_every_knn() -> None:
-    """Each validation's kNN top-1 printed as it is logged (the learning check keeps only the last)."""
-    def on_validation_end(self, trainer, pl_module) -> None:  # the epoch's logged metrics are in by now
-        knn = trainer.callback_metrics.get("val/knn_top1")
-        if knn is not None and not trainer.sanity_checking:
-            print(f"  epoch {trainer.current_epoch + 1}: kNN {float(knn):.4f} ({time.time() - START:.0f} s)", flush=True)
-
-    KNNMonitor.on_validation_end = on_validation_end
-
-
-START = time.time()
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "fashion_mnist" / "deepcluster.yaml"
+sys.path.insert(0, str(HERE))  # knn_curve.KNNCurve, the callback that prints each validation's kNN
 
 
 def main(epochs: int, every: int, variants: list[str]) -> None:
-    global START
-    print_every_knn()
     rows = []
     for spec in variants:
         name, _, overrides = spec.partition("=")
-        START = time.time()
         with tempfile.TemporaryDirectory() as run_dir:
             r = learning_check(str(CONFIG), epochs, run_dir, extra_args=[
-                "--trainer.check_val_every_n_epoch", str(every), *shlex.split(overrides)])
+                "--trainer.check_val_every_n_epoch", str(every), "--trainer.callbacks+=knn_curve.KNNCurve",
+                *shlex.split(overrides)])
         rows.append((name, overrides, r))
         print(f"{name}: kNN {r.knn_random_init:.4f} -> {r.knn_trained:.4f}, probe {r.probe_trained:.4f}, "
               f"NMI {r.metrics.get('val/nmi', float('nan')):.4f} ({epochs} epochs, {r.seconds:.0f} s) [{overrides}]",

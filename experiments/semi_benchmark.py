@@ -120,10 +120,6 @@ def cli_args(config: Path, run_dir: str, args: argparse.Namespace, labels: int, 
     if model_args.get("rampup_unit") == "steps" and config_steps > 0:  # a ramp in steps keeps its share too
         length = float(model_args.get("rampup_length", 0)) * args.steps / config_steps
         out += ["--model.init_args.rampup_length", str(length)]
-    if model_args.get("ema_decay") and "MeanTeacher" not in cfg["model"]["class_path"]:
-        # an EMA model evaluated after a few hundred steps: TensorFlow's warm-up, min((1+k)/(10+k), decay); the plain
-        # average of Mean Teacher's min(1 - 1/(k+1), decay) keeps the earliest weights (63% vs 33% error, supervised)
-        out += ["--model.init_args.ema_warmup", "tf"]
     if split is not None and split.exists():
         out += ["--data.label_split", str(split), "--data.num_labels", "null", "--data.labels_per_class", "null",
                 "--data.num_val", "null"]
