@@ -181,7 +181,8 @@ def _shape_masks(shape: str, size: int, centres: torch.Tensor, radii: torch.Tens
 
 def load_synthetic_colour(root: str, split: str, download: bool = False, size: int = 2048, image_size: int = 32,
                           lightness: float = 65.0, chroma: float = 35.0, noise: float = 0.03, seed: int = 0,
-                          hue_lightness_step: float = 0.0) -> ArrayDataset:
+                          hue_lightness_step: float = 0.0, background_chroma: float = 0.0,
+                          hue_jitter: float = 0.0) -> ArrayDataset:
     """Colour carries information: 10 classes = 5 shapes x 2 hues. Shape ``s`` is drawn in the hue at angle
     ``36 s`` or ``36 s + 180`` degrees (CIE Lab, lightness 65, chroma 35, all in the sRGB gamut: the two hues of a shape have the same
     L, so the gray image cannot tell them apart: an L-only representation tops out at 50%), at a random position
@@ -189,7 +190,12 @@ def load_synthetic_colour(root: str, split: str, download: bool = False, size: i
     pair of hues, the colours are partly predictable from the gray image (what colorization learns).
     ``hue_lightness_step`` > 0 (a diagnostic, not the default): the second hue of each pair is drawn that much
     lighter (L = lightness + step, keep it in gamut: <= 10 at chroma 35), so the hue predicts the shape's lightness
-    and the gray image tells the two hues apart (split-brain's ab -> L task then needs the hue)."""
+    and the gray image tells the two hues apart (split-brain's ab -> L task then needs the hue).
+    ``background_chroma`` > 0: each background takes a random hue at that chroma (clipped to the gamut) instead
+    of gray, as natural images' backgrounds are coloured: an image's colours then no longer name its class by
+    themselves (random features of ab stop classifying) while the shape's hue still does; ``hue_jitter``: the
+    shapes' hues vary by up to that many degrees. Both draw from their own generator: with them 0 the images are
+    the default ones, bit for bit."""
     from ssl_lightning.pretext.color import lab_to_rgb
 
     g = torch.Generator().manual_seed(seed + {"train": 1, "val": 2}[split])
@@ -200,6 +206,12 @@ def load_synthetic_colour(root: str, split: str, download: bool = False, size: i
     bg_l = torch.where(torch.rand(size, generator=g) < 0.5, 15 + 25 * torch.rand(size, generator=g),
                        85 + 10 * torch.rand(size, generator=g))  # clearly darker or lighter than the shape
     bg = torch.stack([bg_l, torch.zeros(size), torch.zeros(size)], 1)
+    if hue_jitter or background_chroma:  # their own generator: the default images stay as they were
+        g2 = torch.Generator().manual_seed(seed + {"train": 11, "val": 12}[split])
+        angle = angle + torch.deg2rad(hue_jitter * (2 * torch.rand(size, generator=g2) - 1))
+        fg = torch.stack([fg[:, 0], chroma * angle.cos(), chroma * angle.sin()], 1)
+        bg_angle = 2 * torch.pi * torch.rand(size, generator=g2)
+        bg = torch.stack([bg_l, background_chroma * bg_angle.cos(), background_chroma * bg_angle.sin()], 1)
     centres = image_size / 2 + (torch.rand(size, 2, generator=g) - 0.5) * image_size / 4
     radii = image_size * (0.22 + 0.1 * torch.rand(size, generator=g))
     mask = torch.zeros(size, image_size, image_size, dtype=torch.bool)
