@@ -1,6 +1,7 @@
 """Colour methods' check on the generated colour dataset (``synthetic_colour``: 10 classes = 5 shapes x 2
-isoluminant hues, so the gray image cannot tell half the classes apart): trains Colorization and SplitBrain
-briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and reports
+isoluminant hues, so the gray image cannot tell half the classes apart; the configs give the backgrounds a random
+hue, ``background_chroma: 35``): trains Colorization and SplitBrain briefly on the CPU (small ConvNet,
+experiments/synthetic_colour/*.yaml) and reports
 
 * kNN top-1 (k 200, T 0.1) of the random-init and of the trained backbone, bank = training images, queries =
   held-out images (the learning check's protocol, ``ssl_lightning.evaluation.learning``);
@@ -10,10 +11,12 @@ briefly on the CPU (small ConvNet, experiments/synthetic_colour/*.yaml) and repo
   empirical bin distribution at every position): Colorization's rebalanced loss and its unweighted
   cross-entropy, SplitBrain's two cross-entropies (L -> ab, ab -> L).
 
-Reading the figures: an L-only encoder (Colorization, SplitBrain's L half) can reach at most the 5 shapes (50%);
-SplitBrain's ab half sees the hue itself, so even random features separate the classes, and its task (ab -> L)
-rewards only what ab says about L (object vs gray background: the hue does not predict L here), so training can
-lose hue information that random features kept.
+Reading the figures: an L-only encoder (Colorization, SplitBrain's L half) can reach at most the 5 shapes (50%).
+Why coloured backgrounds: on gray ones (the dataset's default; ``--variant gray_background -- --data.dataset_options
+'{size: 4000}'``) an image's hue alone names its class, so even random features of ab classify (SplitBrain's ab half
+0.991) and its task (ab -> L: object vs gray background, the hue does not predict L) lets training lose the hue
+that random features kept (0.805 -> 0.740). With a background of random hue the colours no longer name the class by
+themselves; the shape's hue still does, for features that find the shape.
 
     python experiments/colour_check.py colorization:10 split_brain:10
 Writes experiments/results/colour_check/{results.json,table.md} and colorized.png (held-out images, their L,
