@@ -201,17 +201,13 @@ def load_synthetic_colour(root: str, split: str, download: bool = False, size: i
     g = torch.Generator().manual_seed(seed + {"train": 1, "val": 2}[split])
     labels = torch.randint(2 * len(SHAPES), (size,), generator=g)
     shape, second = labels // 2, labels % 2
-    angle = torch.deg2rad(36.0 * shape + 180.0 * second)
+    g2 = torch.Generator().manual_seed(seed + {"train": 11, "val": 12}[split])  # the options' own: g's draws unchanged
+    angle = torch.deg2rad(36.0 * shape + 180.0 * second + hue_jitter * (2 * torch.rand(size, generator=g2) - 1))
     fg = torch.stack([lightness + hue_lightness_step * second, chroma * angle.cos(), chroma * angle.sin()], 1)
     bg_l = torch.where(torch.rand(size, generator=g) < 0.5, 15 + 25 * torch.rand(size, generator=g),
                        85 + 10 * torch.rand(size, generator=g))  # clearly darker or lighter than the shape
-    bg = torch.stack([bg_l, torch.zeros(size), torch.zeros(size)], 1)
-    if hue_jitter or background_chroma:  # their own generator: the default images stay as they were
-        g2 = torch.Generator().manual_seed(seed + {"train": 11, "val": 12}[split])
-        angle = angle + torch.deg2rad(hue_jitter * (2 * torch.rand(size, generator=g2) - 1))
-        fg = torch.stack([fg[:, 0], chroma * angle.cos(), chroma * angle.sin()], 1)
-        bg_angle = 2 * torch.pi * torch.rand(size, generator=g2)
-        bg = torch.stack([bg_l, background_chroma * bg_angle.cos(), background_chroma * bg_angle.sin()], 1)
+    bg_angle = 2 * torch.pi * torch.rand(size, generator=g2)
+    bg = torch.stack([bg_l, background_chroma * bg_angle.cos(), background_chroma * bg_angle.sin()], 1)
     centres = image_size / 2 + (torch.rand(size, 2, generator=g) - 0.5) * image_size / 4
     radii = image_size * (0.22 + 0.1 * torch.rand(size, generator=g))
     mask = torch.zeros(size, image_size, image_size, dtype=torch.bool)
